@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= $(abspath ../shared/data/ml-100k)
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench-quality clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU torch wheel first: an open range would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,serve]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/olrec demo --data $(DATA)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py --events $(DATA) --format ml100k
+
+clean:
+	rm -rf $(VENV) .venv-peers reports runs

@@ -1,0 +1,309 @@
+"""The embedding table: collisionless rows with admission, expiry, a sparse
+optimizer, and a version per row.
+
+One class serves the in-process learner now and each parameter-server shard
+later. Real-time features (per-id counters) are rows of the same kind of table
+with ``optimizer="none"``, so whatever holds embeddings holds them too.
+
+Row 0 is the *default row*: ids not yet admitted (seen fewer than
+``admit_after`` times) share it, and it learns like any row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from .ids import IdMap
+
+Optimizer = Literal["adagrad", "adam", "sgd", "none"]
+_GROWTH = 1.5  # row arrays grow by half: memory follows the ids actually held
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One embedding table. ``lr`` etc. are the sparse optimizer's settings."""
+
+    name: str
+    dim: int = 16
+    optimizer: Optimizer = "adagrad"
+    lr: float = 0.05
+    init_std: float = 0.01
+    eps: float = 1e-10  # torch.optim.Adagrad's default
+    initial_accumulator: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    admit_after: int = 1
+    ttl_events: int | None = None
+    ttl_seconds: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("TableConfig.name must be non-empty")
+        if self.dim <= 0:
+            raise ValueError(f"table {self.name!r}: dim must be positive, got {self.dim}")
+        if self.optimizer not in ("adagrad", "adam", "sgd", "none"):
+            raise ValueError(f"table {self.name!r}: unknown optimizer {self.optimizer!r}; use adagrad, adam, sgd or none")
+        if self.lr < 0 or not np.isfinite(self.lr):
+            raise ValueError(f"table {self.name!r}: lr must be a finite non-negative number, got {self.lr}")
+        if self.admit_after < 1:
+            raise ValueError(f"table {self.name!r}: admit_after must be >= 1, got {self.admit_after}")
+        for f in ("ttl_events", "ttl_seconds"):
+            v = getattr(self, f)
+            if v is not None and v <= 0:
+                raise ValueError(f"table {self.name!r}: {f} must be positive or None, got {v}")
+
+    @property
+    def slots(self) -> int:
+        """Optimizer state vectors per row (for the raw-bytes-per-row measure)."""
+        return {"adagrad": 1, "adam": 2, "sgd": 0, "none": 0}[self.optimizer]
+
+
+@dataclass(frozen=True)
+class TableStats:
+    name: str
+    rows: int
+    pending: int
+    bytes: int
+    admissions: int
+    evictions: int
+    version: int
+
+
+class EmbeddingTable:
+    def __init__(self, cfg: TableConfig) -> None:
+        self.cfg = cfg
+        self._rng = np.random.default_rng(cfg.seed)
+        self._ids = IdMap()
+        # ids seen but not admitted yet: their sighting counts and clocks
+        self._set_pending(np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0))
+        self.version = 0
+        self.admissions = 0
+        self.evictions = 0
+        self._n = 1  # rows in use, the default row included
+        self._alloc(16)
+        self.keys[0] = np.iinfo(np.int64).min
+        self.weight[0] = self._init_rows(1)
+
+    # -- storage ---------------------------------------------------------
+    def _alloc(self, cap: int) -> None:
+        d, old = self.cfg.dim, getattr(self, "weight", None)
+        arrays = {
+            "weight": np.zeros((cap, d), np.float32),
+            "keys": np.zeros(cap, np.int64),
+            "row_version": np.zeros(cap, np.int64),
+            "last_ts": np.zeros(cap, np.float64),
+            "last_event": np.zeros(cap, np.int64),
+        }
+        if self.cfg.optimizer == "adagrad":
+            arrays["acc"] = np.full((cap, d), self.cfg.initial_accumulator, np.float32)
+        elif self.cfg.optimizer == "adam":
+            arrays["m"] = np.zeros((cap, d), np.float32)
+            arrays["v"] = np.zeros((cap, d), np.float32)
+            arrays["step"] = np.zeros(cap, np.int64)
+        for name, arr in arrays.items():
+            if old is not None:
+                arr[: self._n] = getattr(self, name)[: self._n]
+            setattr(self, name, arr)
+
+    def _grow_pending(self) -> None:
+        need = self._pending.size
+        if need > len(self._pending_count):
+            pad = int(need * _GROWTH) + 16 - len(self._pending_count)
+            self._pending_count = np.concatenate([self._pending_count, np.zeros(pad, np.int64)])
+            self._pending_seen = np.concatenate([self._pending_seen, np.zeros(pad, np.float64)])
+            self._pending_event = np.concatenate([self._pending_event, np.zeros(pad, np.int64)])
+
+    def _set_pending(self, keys: np.ndarray, count: np.ndarray, seen: np.ndarray, event: np.ndarray) -> None:
+        self._pending = IdMap.from_keys(keys)
+        self._pending_count = count.astype(np.int64)
+        self._pending_seen = seen.astype(np.float64)
+        self._pending_event = event.astype(np.int64)
+        self._grow_pending()
+
+    def _array_names(self) -> list[str]:
+        extra = {"adagrad": ["acc"], "adam": ["m", "v", "step"]}.get(self.cfg.optimizer, [])
+        return ["weight", "keys", "row_version", "last_ts", "last_event", *extra]
+
+    def _init_rows(self, n: int) -> np.ndarray:
+        if self.cfg.init_std == 0:
+            return np.zeros((n, self.cfg.dim), np.float32)
+        return (self._rng.standard_normal((n, self.cfg.dim)) * self.cfg.init_std).astype(np.float32)
+
+    def __len__(self) -> int:
+        """Admitted ids (the default row not counted)."""
+        return self._n - 1
+
+    # -- lookup ----------------------------------------------------------
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        """Rows for ``keys`` without side effects; not-admitted ids map to the default row 0."""
+        r = self._ids.get(keys)
+        return np.where(r >= 0, r + 1, 0)
+
+    def observe(self, keys: np.ndarray, ts: float = 0.0, event: int = 0) -> np.ndarray:
+        """Count a sighting of each key (duplicates count), admit those that
+        reach ``admit_after``, refresh their last-seen clocks, and return rows."""
+        keys = np.asarray(keys, np.int64)
+        rows = self.rows(keys)
+        if (rows == 0).any():
+            fresh, fresh_counts = np.unique(keys[rows == 0], return_counts=True)
+            if self.cfg.admit_after > 1:
+                before = self._pending.size
+                prow = self._pending.insert(fresh)
+                self._grow_pending()
+                self._pending_count[prow[prow >= before]] = 0
+                self._pending_count[prow] += fresh_counts
+                self._pending_seen[prow] = ts
+                self._pending_event[prow] = event
+                admit = fresh[self._pending_count[prow] >= self.cfg.admit_after]
+            else:
+                admit = fresh
+            if admit.size:
+                self._admit(admit)
+                rows = self.rows(keys)
+        held = rows > 0
+        self.last_ts[rows[held]] = ts
+        self.last_event[rows[held]] = event
+        return rows
+
+    def _admit(self, keys: np.ndarray) -> None:
+        n_new = keys.size
+        if self._n + n_new > len(self.weight):
+            self._alloc(int((self._n + n_new) * _GROWTH) + 16)
+        self._ids.insert(keys)  # rows numbered size.. in order: matches _n..
+        sl = slice(self._n, self._n + n_new)
+        self.weight[sl] = self._init_rows(n_new)
+        self.keys[sl] = keys
+        self.version += 1
+        self.row_version[sl] = self.version
+        self._n += n_new
+        self.admissions += n_new
+
+    # -- updates ---------------------------------------------------------
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        return self.weight[rows]
+
+    def apply_gradients(self, rows: np.ndarray, grads: np.ndarray) -> None:
+        """One optimizer step on ``rows`` (gradients of duplicate rows are summed)."""
+        rows, grads = _sum_duplicates(np.asarray(rows, np.int64), np.asarray(grads, np.float32))
+        c = self.cfg
+        if c.optimizer == "none":
+            raise TypeError(f"table {c.name!r} has no optimizer; use add()")
+        if c.optimizer == "sgd":
+            self.weight[rows] -= c.lr * grads
+        elif c.optimizer == "adagrad":
+            acc = self.acc[rows] + grads * grads
+            self.acc[rows] = acc
+            self.weight[rows] -= c.lr * grads / (np.sqrt(acc) + c.eps)
+        else:  # adam, lazily: each row keeps its own step count
+            step = self.step[rows] + 1
+            self.step[rows] = step
+            m = c.beta1 * self.m[rows] + (1 - c.beta1) * grads
+            v = c.beta2 * self.v[rows] + (1 - c.beta2) * grads * grads
+            self.m[rows], self.v[rows] = m, v
+            bc1 = (1 - c.beta1 ** step)[:, None]
+            bc2 = (1 - c.beta2 ** step)[:, None]
+            self.weight[rows] -= (c.lr / bc1) * m / (np.sqrt(v / bc2) + c.eps)
+        self._bump(rows)
+
+    def add(self, rows: np.ndarray, deltas: np.ndarray) -> None:
+        """Add ``deltas`` to ``rows`` (for counter tables)."""
+        rows, deltas = _sum_duplicates(np.asarray(rows, np.int64), np.asarray(deltas, np.float32))
+        self.weight[rows] += deltas
+        self._bump(rows)
+
+    def _bump(self, rows: np.ndarray) -> None:
+        self.version += 1
+        self.row_version[rows] = self.version
+
+    # -- serving and housekeeping ------------------------------------------
+    def deltas(self, since_version: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(keys, weights, version) of rows changed after ``since_version``.
+        The default row comes with key ``EMPTY`` (int64 min)."""
+        changed = np.flatnonzero(self.row_version[: self._n] > since_version)
+        return self.keys[changed].copy(), self.weight[changed].copy(), self.version
+
+    def expire(self, now_ts: float = 0.0, now_event: int = 0) -> int:
+        """Evict rows unseen for ``ttl_events`` events or ``ttl_seconds`` seconds; returns how many."""
+        c = self.cfg
+        if c.ttl_events is None and c.ttl_seconds is None:
+            return 0
+        old = np.zeros(self._n, bool)
+        if c.ttl_events is not None:
+            old |= self.last_event[: self._n] < now_event - c.ttl_events
+        if c.ttl_seconds is not None:
+            old |= self.last_ts[: self._n] < now_ts - c.ttl_seconds
+        old[0] = False
+        n_old = int(old.sum())
+        if n_old:
+            keep = np.flatnonzero(~old)
+            for name in self._array_names():
+                arr = getattr(self, name)
+                arr[: keep.size] = arr[keep]
+            self._n = keep.size
+            self._ids = IdMap.from_keys(self.keys[1 : self._n])
+            self.evictions += n_old
+            self.version += 1
+        if c.admit_after > 1 and self._pending.size:
+            pk, prow = self._pending.items()
+            live = self._ids.get(pk) < 0  # admitted ids leave the pending set
+            if c.ttl_events is not None:
+                live &= self._pending_event[prow] >= now_event - c.ttl_events
+            if c.ttl_seconds is not None:
+                live &= self._pending_seen[prow] >= now_ts - c.ttl_seconds
+            self._set_pending(pk[live], self._pending_count[prow][live],
+                              self._pending_seen[prow][live], self._pending_event[prow][live])
+        return n_old
+
+    @property
+    def nbytes(self) -> int:
+        arrays = sum(getattr(self, n).nbytes for n in self._array_names())
+        pending = self._pending.nbytes + self._pending_count.nbytes + self._pending_seen.nbytes + self._pending_event.nbytes
+        return arrays + self._ids.nbytes + pending
+
+    def stats(self) -> TableStats:
+        return TableStats(self.cfg.name, len(self), self._pending.size, self.nbytes,
+                          self.admissions, self.evictions, self.version)
+
+    # -- state -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """A self-contained copy of the table (arrays trimmed to the rows held)."""
+        pk, prow = self._pending.items()
+        return {
+            "config": asdict(self.cfg),
+            "arrays": {n: getattr(self, n)[: self._n].copy() for n in self._array_names()},
+            "pending_keys": pk, "pending_count": self._pending_count[prow].copy(),
+            "pending_seen": self._pending_seen[prow].copy(), "pending_event": self._pending_event[prow].copy(),
+            "counters": {"version": self.version, "admissions": self.admissions, "evictions": self.evictions},
+            "rng": self._rng.bit_generator.state,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "EmbeddingTable":
+        t = cls(TableConfig(**state["config"]))
+        arrays = state["arrays"]
+        t._n = len(arrays["weight"])
+        t._alloc(t._n + 16)
+        for n, a in arrays.items():
+            getattr(t, n)[: t._n] = a
+        t._ids = IdMap.from_keys(t.keys[1 : t._n])
+        t._set_pending(state["pending_keys"], state["pending_count"], state["pending_seen"], state["pending_event"])
+        for k, v in state["counters"].items():
+            setattr(t, k, v)
+        t._rng.bit_generator.state = state["rng"]
+        return t
+
+    def copy(self) -> "EmbeddingTable":
+        return EmbeddingTable.from_state_dict(self.state_dict())
+
+
+def _sum_duplicates(rows: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    uniq, inv = np.unique(rows, return_inverse=True)
+    if uniq.size == rows.size:
+        return rows, vals
+    out = np.zeros((uniq.size,) + vals.shape[1:], vals.dtype)
+    np.add.at(out, inv, vals)
+    return uniq, out

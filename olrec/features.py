@@ -1,0 +1,345 @@
+"""From events to model inputs: id keys per field, numeric context, and
+real-time counter features.
+
+Which columns are which comes from :class:`FeatureSpec`. Counter features are
+per-id statistics of past labels (count and positives), computed from strictly
+earlier events only: the state kept per id *plus* an exclusive running sum over
+earlier events of the same batch, so a micro-batch sees every earlier event of
+the stream even though the model learns once per batch. An event's own label
+never enters its features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .embedding import EmbeddingTable, TableConfig
+from .ids import hash_strings
+from .schema import MULTI_SEP, RESERVED
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which event columns feed the model.
+
+    ``categorical`` and ``multi`` name id-like columns (``user_id`` and
+    ``item_id`` are always categorical). ``counters`` names the keys that keep
+    label counters: a field, or a cross ``"user_id*genres"`` of a field with a
+    (possibly multi-valued) field.
+    """
+
+    categorical: tuple[str, ...] = ("user_id", "item_id")
+    multi: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    counters: tuple[str, ...] = ("user_id", "item_id")
+    prior_strength: float = 5.0  # pseudo-events pulling a rate towards the global rate
+    #: (key, alpha) pairs: an exponentially weighted moving average of the key's
+    #: labels (recent taste; MovieLens users rate in sessions). Keys must be counters.
+    recency: tuple[tuple[str, float], ...] = (("user_id", 0.1), ("user_id", 0.3))
+
+    def __post_init__(self) -> None:
+        for need in ("user_id", "item_id"):
+            if need not in self.categorical:
+                raise ValueError(f"FeatureSpec.categorical must include {need!r}")
+        seen: set[str] = set()
+        for name in (*self.categorical, *self.multi, *self.numeric):
+            if name in seen:
+                raise ValueError(f"FeatureSpec: column {name!r} is listed twice")
+            seen.add(name)
+            if name in RESERVED and name not in ("user_id", "item_id"):
+                raise ValueError(f"FeatureSpec: {name!r} is not a feature column")
+        for key in self.counters:
+            for part in key.split("*"):
+                if part not in self.categorical and part not in self.multi:
+                    raise ValueError(f"FeatureSpec.counters: {key!r} names {part!r}, which is not a categorical or multi field")
+            if len(key.split("*")) > 2:
+                raise ValueError(f"FeatureSpec.counters: {key!r} crosses more than two fields")
+        for key, alpha in self.recency:
+            if key not in self.counters:
+                raise ValueError(f"FeatureSpec.recency: {key!r} is not one of the counters {self.counters}")
+            if not 0 < alpha < 1:
+                raise ValueError(f"FeatureSpec.recency: alpha for {key!r} must be in (0, 1), got {alpha}")
+        if self.prior_strength <= 0:
+            raise ValueError(f"FeatureSpec.prior_strength must be positive, got {self.prior_strength}")
+
+    @property
+    def sparse_fields(self) -> tuple[str, ...]:
+        return (*self.categorical, *self.multi)
+
+    @property
+    def n_numeric(self) -> int:
+        """Width of the numeric input: context numerics, 3 features per counter key, the recency averages, the global rate."""
+        return len(self.numeric) + 3 * len(self.counters) + len(self.recency) + 1
+
+    @classmethod
+    def infer(cls, schema: pa.Schema, sample: pa.Table | None = None, **overrides) -> "FeatureSpec":
+        """Guess roles from a schema: strings are categorical (multi if a sample
+        value holds ``|``), numbers numeric. Counters on user and item, and on the
+        user crossed with each multi-valued field (tastes per genre, say)."""
+        cat, multi, num = ["user_id", "item_id"], [], []
+        for f in schema:
+            if f.name in RESERVED or f.name in ("p_true", "offset"):
+                continue
+            if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+                is_multi = sample is not None and pc.any(pc.match_substring(sample[f.name], MULTI_SEP)).as_py()
+                (multi if is_multi else cat).append(f.name)
+            elif pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type):
+                num.append(f.name)
+        counters = ["user_id", "item_id", *(f"user_id*{m}" for m in multi)]
+        args = dict(categorical=tuple(cat), multi=tuple(multi), numeric=tuple(num), counters=tuple(counters))
+        args.update(overrides)
+        return cls(**args)
+
+
+@dataclass
+class Batch:
+    """One micro-batch, encoded. Shapes: B events; multi fields are ragged (flat keys + lengths)."""
+
+    keys: dict[str, np.ndarray]  # categorical field -> (B,) int64
+    multi: dict[str, tuple[np.ndarray, np.ndarray]]  # multi field -> (flat keys, per-event lengths)
+    numeric: np.ndarray  # (B, len(spec.numeric)) float32, raw
+    label: np.ndarray  # (B,) float32
+    ts: np.ndarray  # (B,) float64
+    weight: np.ndarray  # (B,) float32
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def _string_keys(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """int64 keys for a string column: hash each distinct value once."""
+    enc = pc.dictionary_encode(col)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks() if enc.num_chunks != 1 else enc.chunk(0)
+    dict_keys = hash_strings(enc.dictionary.to_numpy(zero_copy_only=False))
+    idx = enc.indices.to_numpy(zero_copy_only=False)
+    nulls = pc.is_null(enc.indices).to_numpy(zero_copy_only=False)
+    out = dict_keys[np.where(nulls, 0, idx)] if len(dict_keys) else np.zeros(len(idx), np.int64)
+    return np.where(nulls, -1, out)  # a missing value is its own key
+
+
+def _column_keys(col: pa.ChunkedArray) -> np.ndarray:
+    if pa.types.is_integer(col.type):
+        return pc.fill_null(col, -1).to_numpy().astype(np.int64)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return _string_keys(col)
+    return _string_keys(pc.cast(col, pa.string()))
+
+
+def encode(table: pa.Table, spec: FeatureSpec) -> Batch:
+    n = table.num_rows
+    missing = [c for c in (*spec.categorical, *spec.multi, *spec.numeric) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"events lack feature column(s) {missing}; they have {table.column_names}")
+    keys = {f: _column_keys(table[f]) for f in spec.categorical}
+    multi = {}
+    for f in spec.multi:
+        lists = pc.split_pattern(pc.fill_null(pc.cast(table[f], pa.string()), ""), MULTI_SEP)
+        lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+        flat = lists.flatten()
+        lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+        multi[f] = (_string_keys(flat) if len(flat) else np.zeros(0, np.int64), lengths)
+    if spec.numeric:
+        numeric = np.stack([pc.cast(table[c], pa.float64()).to_numpy(zero_copy_only=False) for c in spec.numeric], 1)
+        numeric = np.nan_to_num(numeric.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    else:
+        numeric = np.zeros((n, 0), np.float32)
+    weight = (table["weight"].to_numpy(zero_copy_only=False).astype(np.float32)
+              if "weight" in table.column_names else np.ones(n, np.float32))
+    return Batch(keys=keys, multi=multi, numeric=numeric,
+                 label=table["label"].to_numpy(zero_copy_only=False).astype(np.float32),
+                 ts=table["ts"].to_numpy(zero_copy_only=False).astype(np.float64), weight=weight)
+
+
+class Groups:
+    """A batch's keys grouped once (one sort), reused by every per-key statistic.
+
+    Positions are in batch order; "earlier" means an earlier position.
+    """
+
+    def __init__(self, keys: np.ndarray) -> None:
+        n = len(keys)
+        self.order = np.argsort(keys, kind="stable")
+        ks = keys[self.order]
+        self.first = np.r_[True, ks[1:] != ks[:-1]] if n else np.zeros(0, bool)  # sorted space
+        self.start = np.maximum.accumulate(np.where(self.first, np.arange(n), 0)) if n else np.zeros(0, np.int64)
+        self.pos = np.arange(n) - self.start  # position within its key's run
+        self.uniq = ks[self.first]
+        self.inverse = np.empty(n, np.int64)
+        self.inverse[self.order] = np.cumsum(self.first) - 1
+
+    def _unsort(self, sorted_vals: np.ndarray) -> np.ndarray:
+        out = np.empty_like(sorted_vals)
+        out[self.order] = sorted_vals
+        return out
+
+    def exclusive_sum(self, vals: np.ndarray) -> np.ndarray:
+        """out[j] = sum of vals[i] over earlier positions i with the same key."""
+        if len(vals) == 0:
+            return vals.copy()
+        v = vals[self.order]
+        excl = np.cumsum(v, axis=0) - v
+        return self._unsort(excl - excl[self.start])
+
+    def total(self, vals: np.ndarray) -> np.ndarray:
+        """Sum of vals per unique key."""
+        if len(vals) == 0:
+            return np.zeros((0,) + vals.shape[1:], vals.dtype)
+        return np.add.reduceat(vals[self.order], np.flatnonzero(self.first), axis=0)
+
+    def ewma(self, vals: np.ndarray, start: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """Moving averages ``v <- v + alpha * (x - v)`` per key, from ``start``
+        (one value per unique key). Returns (value before each position, value
+        per unique key after its last position). A segmented Hillis-Steele scan:
+        log2(longest run) vectorised passes, no exponent blow-up."""
+        n = len(vals)
+        if n == 0:
+            return np.zeros(0), start.copy()
+        decay = 1.0 - alpha
+        acc = alpha * vals[self.order].astype(np.float64)
+        d, longest = 1, int(self.pos.max())
+        while d <= longest:
+            sel = np.flatnonzero(self.pos >= d)
+            nxt = acc.copy()
+            nxt[sel] += decay**d * acc[sel - d]
+            acc, d = nxt, d * 2
+        s0 = start[np.cumsum(self.first) - 1]
+        after = decay ** (self.pos + 1) * s0 + acc
+        before = np.where(self.first, s0, np.r_[0.0, after[:-1]])
+        last = np.r_[self.first[1:], True]
+        return self._unsort(before), after[last]
+
+
+def counter_keys(batch: Batch, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Keys of one counter, flat, with the event index of each (crosses with a
+    multi field give several keys per event)."""
+    parts = key.split("*")
+    idx = np.arange(len(batch))
+
+    def field_keys(f: str) -> tuple[np.ndarray, np.ndarray]:
+        if f in batch.keys:
+            return batch.keys[f], idx
+        flat, lengths = batch.multi[f]
+        return flat, np.repeat(idx, lengths)
+
+    k, ev = field_keys(parts[0])
+    if len(parts) == 2:
+        k2, ev2 = field_keys(parts[1])
+        if len(ev) != len(idx):  # make the first part the single-valued one
+            k, ev, k2, ev2 = k2, ev2, k, ev
+        # Mix the two ids into one int64 key; ids stay in their own table, so
+        # only crosses of the same pair can meet.
+        with np.errstate(over="ignore"):
+            k = (k[ev2].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ k2.astype(np.uint64)).astype(np.int64)
+        ev = ev2
+    return k, ev
+
+
+class Counters:
+    """Label counters per key, kept in embedding tables: count, positives, the
+    residual sum of ``label - reference rate``, then one moving average of the
+    labels per recency alpha of that key.
+
+    The residual debiases a rate: a user who rates only popular films has a
+    high positive rate but a residual near zero. A user key's reference is the
+    item's rate at the time of the event, any other key's the user's.
+    """
+
+    DIM = 3
+
+    def __init__(self, spec: FeatureSpec, ttl_events: int | None = None) -> None:
+        if spec.counters and not {"user_id", "item_id"} <= set(spec.counters):
+            raise ValueError("FeatureSpec.counters must include 'user_id' and 'item_id' (they are the residual references)")
+        self.spec = spec
+        self.alphas = {k: [a for rk, a in spec.recency if rk == k] for k in spec.counters}
+        self.tables = {k: EmbeddingTable(TableConfig(name=f"counter:{k}", dim=self.DIM + len(self.alphas[k]),
+                                                     optimizer="none", init_std=0.0, ttl_events=ttl_events))
+                       for k in spec.counters}
+        self.total = np.zeros(2, np.float64)  # global (count, positives)
+
+    @property
+    def width(self) -> int:
+        return self.DIM * len(self.tables) + len(self.spec.recency) + 1
+
+    def features(self, batch: Batch, online: bool) -> tuple[np.ndarray, list]:
+        """Features (B, width) float32 and the updates to apply once the batch is learned.
+
+        Per key: logit of the smoothed positive rate, log1p(count), mean
+        residual; then the moving averages; last, the logit of the global
+        rate. ``online`` adds the exclusive running sums of earlier events in
+        the batch; a frozen model passes False and sees only its stored state.
+        """
+        n = len(batch)
+        y = batch.label.astype(np.float64)
+        tot = np.tile(self.total, (n, 1))
+        if online:
+            tot = tot + np.c_[np.arange(n), np.cumsum(y) - y]
+        prior = (tot[:, 1] + 1.0) / (tot[:, 0] + 2.0)
+        a = self.spec.prior_strength
+        out = np.empty((n, self.width), np.float32)
+        ewma_col = {ka: self.DIM * len(self.tables) + i for i, ka in enumerate(self.spec.recency)}
+
+        # Pass 1: counts and positives, hence each key's rate per event.
+        parts = {}
+        for key, table in self.tables.items():
+            k, ev = counter_keys(batch, key)
+            g = Groups(k)
+            rows = table.rows(g.uniq)
+            stored = table.gather(rows).astype(np.float64)
+            cp = stored[g.inverse, :2]
+            if online:
+                cp = cp + g.exclusive_sum(np.c_[np.ones(len(k)), y[ev]])
+            cnt = np.bincount(ev, cp[:, 0], minlength=n)
+            rate = (np.bincount(ev, cp[:, 1], minlength=n) + a * prior) / (cnt + a)
+            parts[key] = (k, ev, g, rows, stored, cnt, rate)
+
+        # Pass 2: residuals against the reference rate, and moving averages.
+        updates = []
+        for j, (key, (k, ev, g, rows, stored, cnt, rate)) in enumerate(parts.items()):
+            ref = parts["item_id" if key.split("*")[0] == "user_id" else "user_id"][6]
+            resid = y[ev] - ref[ev]
+            res = stored[g.inverse, 2]
+            if online:
+                res = res + g.exclusive_sum(resid)
+            out[:, 3 * j] = _logit(rate)
+            out[:, 3 * j + 1] = np.log1p(cnt)
+            out[:, 3 * j + 2] = np.bincount(ev, res, minlength=n) / (cnt + a)
+            delta = [g.total(np.c_[np.ones(len(k)), y[ev], resid])]
+            for i, alpha in enumerate(self.alphas[key]):
+                # A key never seen starts its average at the global rate.
+                start = np.where(rows > 0, stored[:, self.DIM + i], prior[0] if n else 0.5)
+                if online:
+                    before, after = g.ewma(y[ev], start, alpha)
+                else:
+                    before, after = start[g.inverse], start
+                counts = np.maximum(np.bincount(ev, minlength=n), 1)
+                out[:, ewma_col[(key, alpha)]] = np.bincount(ev, before, minlength=n) / counts
+                delta.append((after - stored[:, self.DIM + i])[:, None])
+            updates.append((key, g.uniq, np.concatenate(delta, 1).astype(np.float32)))
+        out[:, -1] = _logit(prior)
+        return out, updates
+
+    def update(self, batch: Batch, updates: list) -> None:
+        """Apply the updates that :meth:`features` returned for this batch."""
+        ts = float(batch.ts[-1]) if len(batch) else 0.0
+        for key, uniq, delta in updates:
+            table = self.tables[key]
+            table.add(table.observe(uniq, ts), delta)
+        self.total += (len(batch), float(batch.label.sum()))
+
+    def state_dict(self) -> dict:
+        return {"tables": {k: t.state_dict() for k, t in self.tables.items()}, "total": self.total.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tables = {k: EmbeddingTable.from_state_dict(s) for k, s in state["tables"].items()}
+        self.total = state["total"].copy()
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))

@@ -1,0 +1,170 @@
+"""The in-process online learner: micro-batches, each scored before it is learned.
+
+Per batch: counter features from strictly earlier events; rows pulled for the
+batch's unique ids (admission happens here: it depends on id counts, never on
+labels); one forward pass whose detached output is the batch's progressive
+prediction; backward; a sparse optimizer step on the pulled rows and an Adam
+step on the dense tower; then counters and numeric statistics learn the batch.
+The parameter-server path (Ray) does the same with pull/push over shards.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from .embedding import EmbeddingTable, TableConfig
+from .features import Batch, Counters, FeatureSpec, encode
+from .model import Arch, DenseTower
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    batch_size: int = 256
+    dim: int = 16
+    arch: Arch = "deepfm"
+    hidden: tuple[int, ...] = (64, 32)
+    sparse_optimizer: str = "adagrad"
+    sparse_lr: float = 0.05
+    dense_lr: float = 0.003
+    admit_after: int = 1
+    ttl_events: int | None = None
+    expire_every: int = 100  # batches between expiry sweeps
+    seed: int = 0
+    threads: int = 1  # torch intra-op threads; small batches run fastest on one
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.dim < 1:
+            raise ValueError(f"dim must be >= 1, got {self.dim}")
+        if self.arch not in ("deepfm", "dcn"):
+            raise ValueError(f"arch must be 'deepfm' or 'dcn', got {self.arch!r}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden layer sizes must be >= 1, got {self.hidden}")
+        for name in ("sparse_lr", "dense_lr"):
+            v = getattr(self, name)
+            if not (v > 0 and np.isfinite(v)):
+                raise ValueError(f"{name} must be a positive number, got {v}")
+
+
+@dataclass
+class StepResult:
+    pred: np.ndarray  # progressive predictions for the batch, (B,)
+    label: np.ndarray
+    loss: float
+
+
+class OnlineLearner:
+    def __init__(self, spec: FeatureSpec, cfg: LearnerConfig = LearnerConfig()) -> None:
+        self.spec, self.cfg = spec, cfg
+        torch.manual_seed(cfg.seed)
+        self.tables = {
+            f: EmbeddingTable(TableConfig(name=f, dim=cfg.dim + 1, optimizer=cfg.sparse_optimizer,  # type: ignore[arg-type]
+                                          lr=cfg.sparse_lr, admit_after=cfg.admit_after,
+                                          ttl_events=cfg.ttl_events, seed=cfg.seed + i))
+            for i, f in enumerate(spec.sparse_fields)
+        }
+        self.counters = Counters(spec, ttl_events=cfg.ttl_events)
+        self.model = DenseTower(len(spec.sparse_fields), cfg.dim, spec.n_numeric,
+                                arch=cfg.arch, hidden=cfg.hidden, prior=self._prior_weights())
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.dense_lr)
+        self.events = 0
+        self.batches = 0
+
+    def _prior_weights(self) -> torch.Tensor:
+        """Initial weights of the model's prior read: logit(user rate) + logit(item rate) - logit(global rate)."""
+        w = torch.zeros(self.spec.n_numeric)
+        base = len(self.spec.numeric)
+        counters = list(self.spec.counters)
+        if counters:
+            w[base + 3 * counters.index("user_id")] = 1.0
+            w[base + 3 * counters.index("item_id")] = 1.0
+            w[-1] = -1.0
+        return w
+
+    # -- inputs -------------------------------------------------------------
+    def _numeric(self, batch: Batch, online: bool) -> tuple[torch.Tensor, list]:
+        feats, updates = self.counters.features(batch, online=online)
+        return torch.from_numpy(np.concatenate([batch.numeric, feats], 1)), updates
+
+    def _pool(self, batch: Batch, rows: dict[str, np.ndarray], grad: bool
+              ) -> tuple[torch.Tensor, list[tuple[str, np.ndarray, torch.Tensor]]]:
+        """(B, F, D+1) pooled rows, plus the leaf tensors of unique rows that receive gradients."""
+        n = len(batch)
+        cols, leaves = [], []
+        for f in self.spec.sparse_fields:
+            uniq, inv = np.unique(rows[f], return_inverse=True)
+            w = torch.from_numpy(self.tables[f].gather(uniq))
+            w.requires_grad_(grad)
+            leaves.append((f, uniq, w))
+            idx = torch.from_numpy(inv.astype(np.int64))
+            if f in batch.multi:
+                lengths = batch.multi[f][1]
+                offsets = torch.from_numpy(np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64))
+                cols.append(F.embedding_bag(idx, w, offsets, mode="mean"))
+            else:
+                cols.append(w[idx])
+        emb = torch.stack(cols, 1) if cols else torch.zeros(n, 0, self.cfg.dim + 1)
+        return emb, leaves
+
+    def _keys(self, batch: Batch, f: str) -> np.ndarray:
+        return batch.keys[f] if f in batch.keys else batch.multi[f][0]
+
+    # -- the loop -----------------------------------------------------------
+    def step(self, batch: Batch) -> StepResult:
+        """Score the batch, then learn it."""
+        torch.set_num_threads(self.cfg.threads)
+        num, updates = self._numeric(batch, online=True)
+        t_last = float(batch.ts[-1]) if len(batch) else 0.0
+        rows = {f: t.observe(self._keys(batch, f), t_last, self.events) for f, t in self.tables.items()}
+        emb, leaves = self._pool(batch, rows, grad=True)
+        # Input statistics first (inputs only, never labels, as batch norm
+        # does): a raw input like a release year must not reach the first
+        # batch unscaled.
+        self.model.norm.update(num)
+        logit = self.model(emb, num)
+        y = torch.from_numpy(batch.label)
+        loss = F.binary_cross_entropy_with_logits(logit, y, weight=torch.from_numpy(batch.weight))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        for f, uniq, w in leaves:
+            self.tables[f].apply_gradients(uniq, w.grad.numpy())
+        self.counters.update(batch, updates)
+        self.events += len(batch)
+        self.batches += 1
+        if self.cfg.ttl_events is not None and self.batches % self.cfg.expire_every == 0:
+            for t in (*self.tables.values(), *self.counters.tables.values()):
+                t.expire(t_last, self.events)
+        return StepResult(torch.sigmoid(logit).detach().numpy(), batch.label, float(loss.detach()))
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, online: bool = False) -> np.ndarray:
+        """Probabilities without learning. ``online`` lets counter features see
+        earlier events of this batch (progressive scoring by a model that keeps
+        up); a frozen model scores with ``online=False``."""
+        torch.set_num_threads(self.cfg.threads)
+        num, _ = self._numeric(batch, online=online)
+        rows = {f: t.rows(self._keys(batch, f)) for f, t in self.tables.items()}
+        emb, _ = self._pool(batch, rows, grad=False)
+        return torch.sigmoid(self.model(emb, num)).numpy()
+
+    def frozen_copy(self) -> "OnlineLearner":
+        """An independent copy of all state: rows, counters, dense weights, statistics."""
+        return copy.deepcopy(self)
+
+    def batches_of(self, table: pa.Table) -> Iterator[Batch]:
+        for start in range(0, table.num_rows, self.cfg.batch_size):
+            yield encode(table.slice(start, self.cfg.batch_size), self.spec)
+
+
+def learn_stream(learner: OnlineLearner, batches: Iterable[Batch]) -> Iterator[StepResult]:
+    for b in batches:
+        yield learner.step(b)

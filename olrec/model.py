@@ -1,0 +1,110 @@
+"""The ranking model, split into the sparse lookup and the dense tower.
+
+The sparse part is rows of embedding tables (see :mod:`olrec.embedding`); each
+row holds a ``dim``-vector plus one first-order weight. The dense tower below
+takes the pooled rows of every field and the numeric inputs and returns a
+logit. Serving runs only the dense tower (in Triton), so its forward takes
+plain tensors:
+
+    emb: (B, F, D + 1)  pooled rows per sparse field; [..., :D] vectors, [..., D] first-order weight
+    num: (B, M)         raw numeric inputs (context numerics and counter features)
+    ->   (B,)           logits
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Arch = Literal["deepfm", "dcn"]
+
+
+class Standardize(nn.Module):
+    """Running mean/variance of the numeric inputs, learned from the stream
+    (model state: a frozen model keeps the statistics it had)."""
+
+    def __init__(self, m: int) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(m))
+        self.register_buffer("m2", torch.zeros(m))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        if n == 0:
+            return
+        bmean = x.mean(0)
+        bm2 = ((x - bmean) ** 2).sum(0)
+        tot = self.count + n
+        delta = bmean - self.mean
+        self.mean += delta * n / tot
+        self.m2 += bm2 + delta**2 * self.count * n / tot
+        self.count.copy_(tot)
+
+    PSEUDO = 64.0  # pseudo-events of unit variance: early batches (where a
+    # feature can be constant, e.g. every count 0) must not divide by ~0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = (self.m2 + self.PSEUDO) / (self.count + self.PSEUDO)
+        return (x - self.mean) / torch.sqrt(var)
+
+
+def _mlp(d_in: int, hidden: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(d_in, h), nn.ReLU()]
+        d_in = h
+    layers.append(nn.Linear(d_in, 1))
+    return nn.Sequential(*layers)
+
+
+class DenseTower(nn.Module):
+    """DeepFM or DCN-v2 over F sparse fields (dim D) and M numeric inputs."""
+
+    def __init__(self, n_fields: int, dim: int, n_numeric: int, arch: Arch = "deepfm",
+                 hidden: tuple[int, ...] = (64, 32), cross_layers: int = 2,
+                 prior: torch.Tensor | None = None) -> None:
+        super().__init__()
+        # A linear read of the raw numeric inputs, initialised to a sensible
+        # prior logit (the learner passes user rate + item rate - global rate),
+        # so the model ranks well from the first batch and learns the rest.
+        self.prior = nn.Linear(n_numeric, 1)
+        nn.init.zeros_(self.prior.bias)
+        with torch.no_grad():
+            self.prior.weight.copy_(prior.reshape(1, -1) if prior is not None else torch.zeros(1, n_numeric))
+        self.prior.requires_grad_(False)
+        if arch not in ("deepfm", "dcn"):
+            raise ValueError(f"unknown arch {arch!r}; use 'deepfm' or 'dcn'")
+        self.arch, self.dim = arch, dim
+        self.norm = Standardize(n_numeric)
+        self.linear = nn.Linear(n_numeric, 1)
+        d_flat = n_fields * dim + n_numeric
+        self.deep = _mlp(d_flat, hidden)
+        if arch == "deepfm":
+            # Numeric inputs join the factorization as fields of their own.
+            self.num_vectors = nn.Parameter(torch.randn(n_numeric, dim) * 0.01)
+        else:
+            self.cross = nn.ModuleList(nn.Linear(d_flat, d_flat) for _ in range(cross_layers))
+            for layer in self.cross:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+            self.cross_out = nn.Linear(d_flat, 1)
+
+    def forward(self, emb: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        v, w = emb[..., : self.dim], emb[..., self.dim]
+        x = self.norm(num)
+        flat = torch.cat([v.flatten(1), x], 1)
+        logit = w.sum(1) + self.prior(num).squeeze(1) + self.linear(x).squeeze(1) + self.deep(flat).squeeze(1)
+        if self.arch == "deepfm":
+            fields = torch.cat([v, x.unsqueeze(2) * self.num_vectors], 1)
+            s = fields.sum(1)
+            logit = logit + 0.5 * (s * s - (fields * fields).sum(1)).sum(1)
+        else:
+            xl = flat
+            for layer in self.cross:
+                xl = flat * layer(xl) + xl
+            logit = logit + self.cross_out(xl).squeeze(1)
+        return logit
