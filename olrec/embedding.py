@@ -143,13 +143,15 @@ class EmbeddingTable:
         r = self._ids.get(keys)
         return np.where(r >= 0, r + 1, 0)
 
-    def observe(self, keys: np.ndarray, ts: float = 0.0, event: int = 0) -> np.ndarray:
+    def observe(self, keys: np.ndarray, ts: float = 0.0, event: int = 0, rows: np.ndarray | None = None) -> np.ndarray:
         """Count a sighting of each key (duplicates count), admit those that
-        reach ``admit_after``, refresh their last-seen clocks, and return rows."""
+        reach ``admit_after``, refresh their last-seen clocks, and return rows.
+        ``rows``, when given, is a current :meth:`rows` lookup of ``keys``."""
         keys = np.asarray(keys, np.int64)
-        rows = self.rows(keys)
-        if (rows == 0).any():
-            fresh, fresh_counts = np.unique(keys[rows == 0], return_counts=True)
+        rows = self.rows(keys) if rows is None else rows.copy()
+        unheld = np.flatnonzero(rows == 0)
+        if unheld.size:
+            fresh, fresh_counts = np.unique(keys[unheld], return_counts=True)
             if self.cfg.admit_after > 1:
                 before = self._pending.size
                 prow = self._pending.insert(fresh)
@@ -162,8 +164,11 @@ class EmbeddingTable:
             else:
                 admit = fresh
             if admit.size:
-                self._admit(admit)
-                rows = self.rows(keys)
+                first_new = self._n
+                self._admit(admit)  # sorted keys get consecutive rows in order
+                at = np.minimum(np.searchsorted(admit, keys[unheld]), admit.size - 1)
+                hit = admit[at] == keys[unheld]
+                rows[unheld[hit]] = first_new + at[hit]
         held = rows > 0
         self.last_ts[rows[held]] = ts
         self.last_event[rows[held]] = event
@@ -186,9 +191,12 @@ class EmbeddingTable:
     def gather(self, rows: np.ndarray) -> np.ndarray:
         return self.weight[rows]
 
-    def apply_gradients(self, rows: np.ndarray, grads: np.ndarray) -> None:
-        """One optimizer step on ``rows`` (gradients of duplicate rows are summed)."""
-        rows, grads = _sum_duplicates(np.asarray(rows, np.int64), np.asarray(grads, np.float32))
+    def apply_gradients(self, rows: np.ndarray, grads: np.ndarray, unique: bool = False) -> None:
+        """One optimizer step on ``rows`` (gradients of duplicate rows are
+        summed; pass ``unique=True`` when the caller knows there are none)."""
+        rows, grads = np.asarray(rows, np.int64), np.asarray(grads, np.float32)
+        if not unique:
+            rows, grads = _sum_duplicates(rows, grads)
         c = self.cfg
         if c.optimizer == "none":
             raise TypeError(f"table {c.name!r} has no optimizer; use add()")
@@ -209,9 +217,11 @@ class EmbeddingTable:
             self.weight[rows] -= (c.lr / bc1) * m / (np.sqrt(v / bc2) + c.eps)
         self._bump(rows)
 
-    def add(self, rows: np.ndarray, deltas: np.ndarray) -> None:
-        """Add ``deltas`` to ``rows`` (for counter tables)."""
-        rows, deltas = _sum_duplicates(np.asarray(rows, np.int64), np.asarray(deltas, np.float32))
+    def add(self, rows: np.ndarray, deltas: np.ndarray, unique: bool = False) -> None:
+        """Add ``deltas`` to ``rows`` (for counter tables); see :meth:`apply_gradients` for ``unique``."""
+        rows, deltas = np.asarray(rows, np.int64), np.asarray(deltas, np.float32)
+        if not unique:
+            rows, deltas = _sum_duplicates(rows, deltas)
         self.weight[rows] += deltas
         self._bump(rows)
 

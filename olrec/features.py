@@ -42,6 +42,10 @@ class FeatureSpec:
     recency: tuple[tuple[str, float], ...] = (("user_id", 0.1), ("user_id", 0.3))
 
     def __post_init__(self) -> None:
+        # Accept lists (from YAML/JSON) but store tuples: the spec stays hashable.
+        for name in ("categorical", "multi", "numeric", "counters"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "recency", tuple((str(k), float(a)) for k, a in self.recency))
         for need in ("user_id", "item_id"):
             if need not in self.categorical:
                 raise ValueError(f"FeatureSpec.categorical must include {need!r}")
@@ -320,16 +324,16 @@ class Counters:
                 counts = np.maximum(np.bincount(ev, minlength=n), 1)
                 out[:, ewma_col[(key, alpha)]] = np.bincount(ev, before, minlength=n) / counts
                 delta.append((after - stored[:, self.DIM + i])[:, None])
-            updates.append((key, g.uniq, np.concatenate(delta, 1).astype(np.float32)))
+            updates.append((key, g.uniq, rows, np.concatenate(delta, 1).astype(np.float32)))
         out[:, -1] = _logit(prior)
         return out, updates
 
     def update(self, batch: Batch, updates: list) -> None:
         """Apply the updates that :meth:`features` returned for this batch."""
         ts = float(batch.ts[-1]) if len(batch) else 0.0
-        for key, uniq, delta in updates:
+        for key, uniq, rows, delta in updates:
             table = self.tables[key]
-            table.add(table.observe(uniq, ts), delta)
+            table.add(table.observe(uniq, ts, rows=rows), delta, unique=True)
         self.total += (len(batch), float(batch.label.sum()))
 
     def state_dict(self) -> dict:
@@ -343,3 +347,13 @@ class Counters:
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-4, 1 - 1e-4)
     return np.log(p / (1 - p))
+
+
+def ml100k_spec() -> FeatureSpec:
+    """The feature spec for MovieLens-100K as :func:`olrec.sources.read_ml100k` reads it."""
+    return FeatureSpec(
+        categorical=("user_id", "item_id", "age", "gender", "occupation", "zip"),
+        multi=("genres",),
+        numeric=("year",),
+        counters=("user_id", "item_id", "user_id*genres"),
+    )

@@ -26,8 +26,13 @@ from .model import Arch, DenseTower
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    batch_size: int = 256
-    dim: int = 16
+    batch_size: int = 1024
+    #: Batches start at ``warmup_batch_size`` and grow to ``batch_size`` over the
+    #: first ``warmup_events``: a young model gains most from many small steps,
+    #: a mature one from the speed of large batches.
+    warmup_batch_size: int = 64
+    warmup_events: int = 20_000
+    dim: int = 4
     arch: Arch = "deepfm"
     hidden: tuple[int, ...] = (64, 32)
     sparse_optimizer: str = "adagrad"
@@ -42,6 +47,10 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.warmup_batch_size <= self.batch_size:
+            raise ValueError(f"warmup_batch_size must be in [1, batch_size={self.batch_size}], got {self.warmup_batch_size}")
+        if self.warmup_events < 0:
+            raise ValueError(f"warmup_events must be >= 0, got {self.warmup_events}")
         if self.dim < 1:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
         if self.arch not in ("deepfm", "dcn"):
@@ -117,6 +126,13 @@ class OnlineLearner:
     def _keys(self, batch: Batch, f: str) -> np.ndarray:
         return batch.keys[f] if f in batch.keys else batch.multi[f][0]
 
+    def next_batch_size(self) -> int:
+        c = self.cfg
+        if self.events >= c.warmup_events:
+            return c.batch_size
+        grown = c.warmup_batch_size + (c.batch_size - c.warmup_batch_size) * self.events / max(c.warmup_events, 1)
+        return int(min(c.batch_size, grown))
+
     # -- the loop -----------------------------------------------------------
     def step(self, batch: Batch) -> StepResult:
         """Score the batch, then learn it."""
@@ -136,7 +152,7 @@ class OnlineLearner:
         loss.backward()
         self.opt.step()
         for f, uniq, w in leaves:
-            self.tables[f].apply_gradients(uniq, w.grad.numpy())
+            self.tables[f].apply_gradients(uniq, w.grad.numpy(), unique=True)
         self.counters.update(batch, updates)
         self.events += len(batch)
         self.batches += 1
@@ -161,8 +177,13 @@ class OnlineLearner:
         return copy.deepcopy(self)
 
     def batches_of(self, table: pa.Table) -> Iterator[Batch]:
-        for start in range(0, table.num_rows, self.cfg.batch_size):
-            yield encode(table.slice(start, self.cfg.batch_size), self.spec)
+        """Encoded batches of ``table`` in the learner's batch-size schedule
+        (valid while this learner consumes them in order)."""
+        start = 0
+        while start < table.num_rows:
+            size = self.next_batch_size()
+            yield encode(table.slice(start, size), self.spec)
+            start += size
 
 
 def learn_stream(learner: OnlineLearner, batches: Iterable[Batch]) -> Iterator[StepResult]:
