@@ -114,6 +114,18 @@ class Batch:
     def __len__(self) -> int:
         return len(self.label)
 
+    def slice(self, start: int, stop: int) -> "Batch":
+        """Events [start, stop) of this batch (ragged fields sliced consistently)."""
+        multi = {}
+        for f, (flat, lengths) in self.multi.items():
+            ends = np.cumsum(lengths)
+            lo = int(ends[start - 1]) if start > 0 else 0
+            hi = int(ends[stop - 1]) if stop > 0 else 0
+            multi[f] = (flat[lo:hi], lengths[start:stop])
+        return Batch(keys={f: k[start:stop] for f, k in self.keys.items()}, multi=multi,
+                     numeric=self.numeric[start:stop], label=self.label[start:stop], ts=self.ts[start:stop],
+                     weight=self.weight[start:stop], extra={k: v[start:stop] for k, v in self.extra.items()})
+
 
 def _string_keys(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """int64 keys for a string column: hash each distinct value once."""
@@ -170,7 +182,7 @@ class Groups:
         n = len(keys)
         self.order = np.argsort(keys, kind="stable")
         ks = keys[self.order]
-        self.first = np.r_[True, ks[1:] != ks[:-1]] if n else np.zeros(0, bool)  # sorted space
+        self.first = np.concatenate(([True], ks[1:] != ks[:-1])) if n else np.zeros(0, bool)  # sorted space
         self.start = np.maximum.accumulate(np.where(self.first, np.arange(n), 0)) if n else np.zeros(0, np.int64)
         self.pos = np.arange(n) - self.start  # position within its key's run
         self.uniq = ks[self.first]
@@ -214,8 +226,8 @@ class Groups:
             acc, d = nxt, d * 2
         s0 = start[np.cumsum(self.first) - 1]
         after = decay ** (self.pos + 1) * s0 + acc
-        before = np.where(self.first, s0, np.r_[0.0, after[:-1]])
-        last = np.r_[self.first[1:], True]
+        before = np.where(self.first, s0, np.concatenate(([0.0], after[:-1])))
+        last = np.concatenate((self.first[1:], [True]))
         return self._unsort(before), after[last]
 
 
@@ -270,6 +282,10 @@ class Counters:
     def width(self) -> int:
         return self.DIM * len(self.tables) + len(self.spec.recency) + 1
 
+    def feature_names(self) -> list[str]:
+        names = [f"{k}:{stat}" for k in self.tables for stat in ("rate_logit", "log_count", "residual")]
+        return names + [f"{k}:recent{a:g}" for k, a in self.spec.recency] + ["global:rate_logit"]
+
     def features(self, batch: Batch, online: bool) -> tuple[np.ndarray, list]:
         """Features (B, width) float32 and the updates to apply once the batch is learned.
 
@@ -282,7 +298,7 @@ class Counters:
         y = batch.label.astype(np.float64)
         tot = np.tile(self.total, (n, 1))
         if online:
-            tot = tot + np.c_[np.arange(n), np.cumsum(y) - y]
+            tot = tot + np.stack([np.arange(n), np.cumsum(y) - y], 1)
         prior = (tot[:, 1] + 1.0) / (tot[:, 0] + 2.0)
         a = self.spec.prior_strength
         out = np.empty((n, self.width), np.float32)
@@ -297,7 +313,7 @@ class Counters:
             stored = table.gather(rows).astype(np.float64)
             cp = stored[g.inverse, :2]
             if online:
-                cp = cp + g.exclusive_sum(np.c_[np.ones(len(k)), y[ev]])
+                cp = cp + g.exclusive_sum(np.stack([np.ones(len(k)), y[ev]], 1))
             cnt = np.bincount(ev, cp[:, 0], minlength=n)
             rate = (np.bincount(ev, cp[:, 1], minlength=n) + a * prior) / (cnt + a)
             parts[key] = (k, ev, g, rows, stored, cnt, rate)
@@ -313,7 +329,7 @@ class Counters:
             out[:, 3 * j] = _logit(rate)
             out[:, 3 * j + 1] = np.log1p(cnt)
             out[:, 3 * j + 2] = np.bincount(ev, res, minlength=n) / (cnt + a)
-            delta = [g.total(np.c_[np.ones(len(k)), y[ev], resid])]
+            delta = [g.total(np.stack([np.ones(len(k)), y[ev], resid], 1))]
             for i, alpha in enumerate(self.alphas[key]):
                 # A key never seen starts its average at the global rate.
                 start = np.where(rows > 0, stored[:, self.DIM + i], prior[0] if n else 0.5)

@@ -49,8 +49,7 @@ class IdMap:
     def _home(self, keys: np.ndarray) -> np.ndarray:
         # Fibonacci hashing: the high bits of key * golden ratio spread
         # sequential ids evenly over the slots.
-        with np.errstate(over="ignore"):
-            h = keys.astype(np.uint64) * _GOLDEN
+        h = keys.astype(np.uint64) * _GOLDEN  # array integer overflow wraps, silently
         return (h >> np.uint64(64 - self._bits)).astype(np.int64)
 
     def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,18 +81,18 @@ class IdMap:
             raise ValueError(f"id {EMPTY} is reserved and cannot be stored")
         uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
         slots, found = self._find(uniq)
+        out = np.where(found, self._vals[slots], -1)
         new = np.flatnonzero(~found)
         if new.size:
             # New rows are numbered in the order the keys first appear in the batch.
             new = new[np.argsort(first[new], kind="stable")]
             if (self.size + new.size) * 2 > self.capacity:
                 self._grow(self.size + new.size)
-                slots, found = self._find(uniq)
             rows = np.arange(self.size, self.size + new.size)
             self._place(uniq[new], rows)
+            out[new] = rows
             self.size += new.size
-        slots, found = self._find(uniq)
-        return self._vals[slots][inv].reshape(keys.shape)
+        return out[inv].reshape(keys.shape)
 
     def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Write absent unique ``keys`` with ``rows``; two keys racing for one empty slot retry."""

@@ -33,7 +33,7 @@ class LearnerConfig:
     warmup_batch_size: int = 64
     warmup_events: int = 20_000
     dim: int = 4
-    arch: Arch = "deepfm"
+    arch: Arch = "dcn"
     hidden: tuple[int, ...] = (64, 32)
     sparse_optimizer: str = "adagrad"
     sparse_lr: float = 0.05
@@ -68,6 +68,7 @@ class StepResult:
     pred: np.ndarray  # progressive predictions for the batch, (B,)
     label: np.ndarray
     loss: float
+    numeric: np.ndarray  # (B, spec.n_numeric) the dense tower's raw numeric input: context numerics, counter features
 
 
 class OnlineLearner:
@@ -83,9 +84,14 @@ class OnlineLearner:
         self.counters = Counters(spec, ttl_events=cfg.ttl_events)
         self.model = DenseTower(len(spec.sparse_fields), cfg.dim, spec.n_numeric,
                                 arch=cfg.arch, hidden=cfg.hidden, prior=self._prior_weights())
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.dense_lr)
+        # fused: one kernel for all parameters, a third of the per-step cost on CPU
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.dense_lr, fused=True)
         self.events = 0
         self.batches = 0
+
+    def numeric_names(self) -> list[str]:
+        """Names of the columns of :attr:`StepResult.numeric`."""
+        return [*self.spec.numeric, *self.counters.feature_names()]
 
     def _prior_weights(self) -> torch.Tensor:
         """Initial weights of the model's prior read: logit(user rate) + logit(item rate) - logit(global rate)."""
@@ -116,7 +122,7 @@ class OnlineLearner:
             idx = torch.from_numpy(inv.astype(np.int64))
             if f in batch.multi:
                 lengths = batch.multi[f][1]
-                offsets = torch.from_numpy(np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64))
+                offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
                 cols.append(F.embedding_bag(idx, w, offsets, mode="mean"))
             else:
                 cols.append(w[idx])
@@ -159,7 +165,7 @@ class OnlineLearner:
         if self.cfg.ttl_events is not None and self.batches % self.cfg.expire_every == 0:
             for t in (*self.tables.values(), *self.counters.tables.values()):
                 t.expire(t_last, self.events)
-        return StepResult(torch.sigmoid(logit).detach().numpy(), batch.label, float(loss.detach()))
+        return StepResult(torch.sigmoid(logit).detach().numpy(), batch.label, float(loss.detach()), num.numpy())
 
     @torch.no_grad()
     def predict(self, batch: Batch, online: bool = False) -> np.ndarray:

@@ -34,7 +34,9 @@ class RunResult:
     frozen_pred: np.ndarray  # NaN before the freeze point
     split: int  # index of the first event the frozen model scores
     learn_seconds: float  # encoding + scoring + learning, the online learner only
+    frozen_seconds: float = 0.0  # the frozen copy's scoring after the split
     stats: list = field(default_factory=list)
+    numeric: np.ndarray | None = None  # (n, M) numeric inputs when captured
 
     @property
     def events_per_s(self) -> float:
@@ -66,8 +68,10 @@ class RunResult:
 
 
 def run_progressive(events: pa.Table, learner: OnlineLearner, *, frozen_at: float | None = 0.5,
-                    progress: Callable[[Progress], None] | None = None, progress_every: float = 0.25) -> RunResult:
-    """Learn ``events`` in order, scoring each batch first; freeze a copy at ``frozen_at``."""
+                    progress: Callable[[Progress], None] | None = None, progress_every: float = 0.25,
+                    capture_numeric: bool = False, block_rows: int = 8192) -> RunResult:
+    """Learn ``events`` in order, scoring each batch first; freeze a copy at ``frozen_at``.
+    ``capture_numeric`` keeps every event's numeric model input (counter features included)."""
     n = events.num_rows
     split = int(n * frozen_at) if frozen_at is not None else n
     if frozen_at is not None and not 0 < frozen_at < 1:
@@ -76,18 +80,29 @@ def run_progressive(events: pa.Table, learner: OnlineLearner, *, frozen_at: floa
     label = np.empty(n, np.float32)
     frozen_pred = np.full(n, np.nan, np.float32)
     frozen: OnlineLearner | None = None
-    learn_s, pos, last_report = 0.0, 0, time.perf_counter()
+    numeric = np.empty((n, learner.spec.n_numeric), np.float32) if capture_numeric else None
+    learn_s, frozen_s, pos, last_report = 0.0, 0.0, 0, time.perf_counter()
+    block, block_start = None, 0
     while pos < n:
-        size = learner.next_batch_size()
+        size = min(learner.next_batch_size(), n - pos)
         if pos < split < pos + size:
             size = split - pos  # the frozen copy must have learned exactly the first part
         t0 = time.perf_counter()
-        batch = encode(events.slice(pos, size), learner.spec)
+        if block is None or pos + size > block_start + len(block):
+            # Encode a block of events at a time (as a stream delivers blocks),
+            # then cut micro-batches from it: fewer, larger array operations.
+            block_start = pos
+            block = encode(events.slice(pos, max(block_rows, size)), learner.spec)
+        batch = block.slice(pos - block_start, pos - block_start + size)
         step = learner.step(batch)
         learn_s += time.perf_counter() - t0
         pred[pos : pos + size], label[pos : pos + size] = step.pred, step.label
+        if numeric is not None:
+            numeric[pos : pos + size] = step.numeric
         if frozen is not None:
+            t0 = time.perf_counter()
             frozen_pred[pos : pos + size] = frozen.predict(batch, online=False)
+            frozen_s += time.perf_counter() - t0
         pos += size
         if pos == split and frozen_at is not None:
             frozen = learner.frozen_copy()
@@ -96,4 +111,4 @@ def run_progressive(events: pa.Table, learner: OnlineLearner, *, frozen_at: floa
             last_report = now
             progress(Progress(pos, n, pos / learn_s if learn_s else 0.0, auc(label[:pos], pred[:pos])))
     stats = [t.stats() for t in (*learner.tables.values(), *learner.counters.tables.values())]
-    return RunResult(label, pred, frozen_pred, split, learn_s, stats)
+    return RunResult(label, pred, frozen_pred, split, learn_s, frozen_s, stats, numeric)
