@@ -37,6 +37,7 @@ class LearnerConfig:
     hidden: tuple[int, ...] = (64, 32)
     sparse_optimizer: str = "adagrad"
     sparse_lr: float = 0.05
+    init_std: float = 0.01  # initial embedding rows ~ N(0, init_std)
     dense_lr: float = 0.003
     admit_after: int = 1
     ttl_events: int | None = None
@@ -77,7 +78,7 @@ class OnlineLearner:
         torch.manual_seed(cfg.seed)
         self.tables = {
             f: EmbeddingTable(TableConfig(name=f, dim=cfg.dim + 1, optimizer=cfg.sparse_optimizer,  # type: ignore[arg-type]
-                                          lr=cfg.sparse_lr, admit_after=cfg.admit_after,
+                                          lr=cfg.sparse_lr, init_std=cfg.init_std, admit_after=cfg.admit_after,
                                           ttl_events=cfg.ttl_events, seed=cfg.seed + i))
             for i, f in enumerate(spec.sparse_fields)
         }

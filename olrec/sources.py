@@ -119,7 +119,7 @@ class SyntheticConfig:
     dim: int = 8
     zipf_a: float = 1.1
     new_item_fraction: float = 0.5  # share of the catalog that appears over time
-    drift: float = 0.2  # per-chunk step of user taste vectors (random walk)
+    drift: float = 0.2  # share of a quarter turn each user's taste rotates over the stream
     base_logit: float = -1.0
     seed: int = 0
     chunk: int = 10_000
@@ -137,16 +137,17 @@ class SyntheticConfig:
 def synthetic_stream(cfg: SyntheticConfig) -> Iterator[pa.Table]:
     """Yield chunks of events; each carries ``p_true``, its true click probability.
 
-    Users and items have latent vectors; p = sigmoid(base + u.v + bias_u + bias_i).
+    Users and items have latent vectors; p = sigmoid(base + 2 u.v + bias_u + bias_i).
     Item ``i`` is available once ``i < n_old + n_new * progress`` (new items
     appear over time); popularity among available items and activity among
-    users are Zipf. User vectors take a random-walk step every chunk (drift).
-    Vectors are derived from the id by seed, so memory is per chunk, not per id.
+    users are Zipf. Drift: each user's taste turns from its start vector
+    towards a second one of its own, by ``drift`` of a quarter turn over the
+    stream. Vectors are derived from the id by seed, so memory is per chunk,
+    not per id.
     """
     rng = np.random.default_rng(cfg.seed)
     n_old = max(1, int(cfg.n_items * (1 - cfg.new_item_fraction)))
     scale = 1.0 / np.sqrt(cfg.dim)
-    drift_dirs = _id_vectors(np.arange(cfg.dim), cfg.seed + 7, cfg.dim) * scale
     emitted = 0
     while emitted < cfg.n_events:
         n = min(cfg.chunk, cfg.n_events - emitted)
@@ -157,9 +158,11 @@ def synthetic_stream(cfg: SyntheticConfig) -> Iterator[pa.Table]:
         items = _zipf_index(rng, avail, cfg.zipf_a, n)
         fresh = rng.random(n) < 0.3 * (avail > n_old)
         items = np.where(fresh, avail - 1 - _zipf_index(rng, max(1, avail - n_old), cfg.zipf_a, n) % max(1, avail - n_old), items)
-        uv = _id_vectors(users, cfg.seed, cfg.dim) * scale
-        # Drift: every user's taste moves along a shared direction over time.
-        uv = uv + cfg.drift * progress * 10 * drift_dirs[users % cfg.dim]
+        # Event-level progress, so taste turns smoothly inside a chunk too.
+        t = (emitted + np.arange(n)) / cfg.n_events
+        angle = (cfg.drift * np.pi / 2 * t)[:, None]
+        uv = (np.cos(angle) * _id_vectors(users, cfg.seed, cfg.dim)
+              + np.sin(angle) * _id_vectors(users, cfg.seed + 7, cfg.dim)) * scale
         iv = _id_vectors(items, cfg.seed + 1, cfg.dim) * scale
         ub = _id_vectors(users, cfg.seed + 2, 1)[:, 0] * 0.5
         ib = _id_vectors(items, cfg.seed + 3, 1)[:, 0] * 0.8
