@@ -148,10 +148,13 @@ class OnlineLearner:
         t_last = float(batch.ts[-1]) if len(batch) else 0.0
         rows = {f: t.observe(self._keys(batch, f), t_last, self.events) for f, t in self.tables.items()}
         emb, leaves = self._pool(batch, rows, grad=True)
-        # Input statistics first (inputs only, never labels, as batch norm
-        # does): a raw input like a release year must not reach the first
-        # batch unscaled.
-        self.model.norm.update(num)
+        # Statistics of the context numerics first: they hold no label, and a
+        # raw input like a release year must not reach the first batch
+        # unscaled. Counter features carry earlier events' labels, so theirs
+        # are updated only after scoring (else one event's label would shift
+        # the whole batch's normalisation, its own score included).
+        n_ctx = len(self.spec.numeric)
+        self.model.norm.update(num, slice(0, n_ctx))
         logit = self.model(emb, num)
         y = torch.from_numpy(batch.label)
         loss = F.binary_cross_entropy_with_logits(logit, y, weight=torch.from_numpy(batch.weight))
@@ -160,6 +163,7 @@ class OnlineLearner:
         self.opt.step()
         for f, uniq, w in leaves:
             self.tables[f].apply_gradients(uniq, w.grad.numpy(), unique=True)
+        self.model.norm.update(num, slice(n_ctx, None))
         self.counters.update(batch, updates)
         self.events += len(batch)
         self.batches += 1

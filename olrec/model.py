@@ -23,29 +23,33 @@ Arch = Literal["deepfm", "dcn"]
 
 class Standardize(nn.Module):
     """Running mean/variance of the numeric inputs, learned from the stream
-    (model state: a frozen model keeps the statistics it had)."""
+    (model state: a frozen model keeps the statistics it had). Columns keep
+    their own counts, so a caller can update some columns before scoring a
+    batch (inputs that carry no label) and the rest after."""
+
+    PSEUDO = 64.0  # pseudo-events of unit variance: early batches (where a
+    # feature can be constant, e.g. every count 0) must not divide by ~0
 
     def __init__(self, m: int) -> None:
         super().__init__()
-        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("count", torch.zeros(m))
         self.register_buffer("mean", torch.zeros(m))
         self.register_buffer("m2", torch.zeros(m))
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, cols: slice = slice(None)) -> None:
         n = x.shape[0]
         if n == 0:
             return
+        x = x[:, cols]
         bmean = x.mean(0)
         bm2 = ((x - bmean) ** 2).sum(0)
-        tot = self.count + n
-        delta = bmean - self.mean
-        self.mean += delta * n / tot
-        self.m2 += bm2 + delta**2 * self.count * n / tot
-        self.count.copy_(tot)
-
-    PSEUDO = 64.0  # pseudo-events of unit variance: early batches (where a
-    # feature can be constant, e.g. every count 0) must not divide by ~0
+        count, mean = self.count[cols], self.mean[cols]
+        tot = count + n
+        delta = bmean - mean
+        self.mean[cols] = mean + delta * n / tot
+        self.m2[cols] = self.m2[cols] + bm2 + delta**2 * count * n / tot
+        self.count[cols] = tot
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         var = (self.m2 + self.PSEUDO) / (self.count + self.PSEUDO)
