@@ -51,6 +51,12 @@ class TableConfig:
             raise ValueError(f"table {self.name!r}: lr must be a finite non-negative number, got {self.lr}")
         if self.admit_after < 1:
             raise ValueError(f"table {self.name!r}: admit_after must be >= 1, got {self.admit_after}")
+        for f in ("beta1", "beta2"):
+            if not 0 <= getattr(self, f) < 1:
+                raise ValueError(f"table {self.name!r}: {f} must be in [0, 1), got {getattr(self, f)}")
+        for f in ("initial_accumulator", "init_std", "eps"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"table {self.name!r}: {f} must be >= 0, got {getattr(self, f)}")
         for f in ("ttl_events", "ttl_seconds"):
             v = getattr(self, f)
             if v is not None and v <= 0:
@@ -181,6 +187,11 @@ class EmbeddingTable:
         self._ids.insert(keys)  # rows numbered size.. in order: matches _n..
         sl = slice(self._n, self._n + n_new)
         self.weight[sl] = self._init_rows(n_new)
+        # Slots freed by expiry are reused: a new row starts with fresh optimizer state.
+        if self.cfg.optimizer == "adagrad":
+            self.acc[sl] = self.cfg.initial_accumulator
+        elif self.cfg.optimizer == "adam":
+            self.m[sl], self.v[sl], self.step[sl] = 0.0, 0.0, 0
         self.keys[sl] = keys
         self.version += 1
         self.row_version[sl] = self.version
@@ -275,7 +286,9 @@ class EmbeddingTable:
         return arrays + self._ids.nbytes + pending
 
     def stats(self) -> TableStats:
-        return TableStats(self.cfg.name, len(self), self._pending.size, self.nbytes,
+        pk, _ = self._pending.items()
+        pending = int((self._ids.get(pk) < 0).sum()) if pk.size else 0  # admitted ids linger until expire()
+        return TableStats(self.cfg.name, len(self), pending, self.nbytes,
                           self.admissions, self.evictions, self.version)
 
     # -- state -------------------------------------------------------------
@@ -295,8 +308,9 @@ class EmbeddingTable:
     def from_state_dict(cls, state: dict) -> "EmbeddingTable":
         t = cls(TableConfig(**state["config"]))
         arrays = state["arrays"]
-        t._n = len(arrays["weight"])
-        t._alloc(t._n + 16)
+        n = len(arrays["weight"])
+        t._alloc(n + 16)  # before _n moves: _alloc copies the first _n rows
+        t._n = n
         for n, a in arrays.items():
             getattr(t, n)[: t._n] = a
         t._ids = IdMap.from_keys(t.keys[1 : t._n])

@@ -253,6 +253,13 @@ def counter_keys(batch: Batch, key: str) -> tuple[np.ndarray, np.ndarray]:
         with np.errstate(over="ignore"):
             k = (k[ev2].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ k2.astype(np.uint64)).astype(np.int64)
         ev = ev2
+    if any(p in batch.multi for p in parts) and len(k) > 1:
+        # A value repeated inside one event ("Drama|Drama") would make the
+        # event's second key see its own first key's label: keep one per event.
+        o = np.lexsort((k, ev))
+        dup = np.zeros(len(k), bool)
+        dup[o[1:]] = (ev[o[1:]] == ev[o[:-1]]) & (k[o[1:]] == k[o[:-1]])
+        k, ev = k[~dup], ev[~dup]
     return k, ev
 
 

@@ -25,7 +25,7 @@ def hash_strings(values: np.ndarray) -> np.ndarray:
     and runs (pandas' SipHash with its fixed key).
     """
     h = pd.util.hash_array(np.asarray(values, dtype=object), categorize=False)
-    return -(h >> np.uint64(1)).astype(np.int64) - 1
+    return -(h >> np.uint64(2)).astype(np.int64) - 1  # in [-2**62, -1]: never EMPTY
 
 
 class IdMap:
