@@ -126,7 +126,7 @@ class OnlineLearner:
                 offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
                 cols.append(F.embedding_bag(idx, w, offsets, mode="mean"))
             else:
-                cols.append(w[idx])
+                cols.append(F.embedding(idx, w))
         emb = torch.stack(cols, 1) if cols else torch.zeros(n, 0, self.cfg.dim + 1)
         return emb, leaves
 
