@@ -240,6 +240,10 @@ class EmbeddingTable:
         self.version += 1
         self.row_version[rows] = self.version
 
+    def held_keys(self) -> np.ndarray:
+        """Keys of the admitted ids, in row order."""
+        return self.keys[1 : self._n].copy()
+
     # -- serving and housekeeping ------------------------------------------
     def deltas(self, since_version: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(keys, weights, version) of rows changed after ``since_version``.

@@ -72,16 +72,19 @@ class StepResult:
     numeric: np.ndarray  # (B, spec.n_numeric) the dense tower's raw numeric input: context numerics, counter features
 
 
+_ID_MASK = np.int64((1 << 56) - 1)
+
+
 class OnlineLearner:
     def __init__(self, spec: FeatureSpec, cfg: LearnerConfig = LearnerConfig()) -> None:
         self.spec, self.cfg = spec, cfg
         torch.manual_seed(cfg.seed)
-        self.tables = {
-            f: EmbeddingTable(TableConfig(name=f, dim=cfg.dim + 1, optimizer=cfg.sparse_optimizer,  # type: ignore[arg-type]
-                                          lr=cfg.sparse_lr, init_std=cfg.init_std, admit_after=cfg.admit_after,
-                                          ttl_events=cfg.ttl_events, seed=cfg.seed + i))
-            for i, f in enumerate(spec.sparse_fields)
-        }
+        # One table holds every sparse field's rows (a field's index tags its
+        # keys): one lookup, one gather and one optimizer step per batch, and
+        # one pull/push per parameter-server shard later.
+        self.table = EmbeddingTable(TableConfig(name="sparse", dim=cfg.dim + 1, optimizer=cfg.sparse_optimizer,  # type: ignore[arg-type]
+                                                lr=cfg.sparse_lr, init_std=cfg.init_std, admit_after=cfg.admit_after,
+                                                ttl_events=cfg.ttl_events, seed=cfg.seed))
         self.counters = Counters(spec, ttl_events=cfg.ttl_events)
         self.model = DenseTower(len(spec.sparse_fields), cfg.dim, spec.n_numeric,
                                 arch=cfg.arch, hidden=cfg.hidden, prior=self._prior_weights())
@@ -110,28 +113,39 @@ class OnlineLearner:
         feats, updates = self.counters.features(batch, online=online)
         return torch.from_numpy(np.concatenate([batch.numeric, feats], 1)), updates
 
-    def _pool(self, batch: Batch, rows: dict[str, np.ndarray], grad: bool
-              ) -> tuple[torch.Tensor, list[tuple[str, np.ndarray, torch.Tensor]]]:
-        """(B, F, D+1) pooled rows, plus the leaf tensors of unique rows that receive gradients."""
-        n = len(batch)
-        cols, leaves = [], []
-        for f in self.spec.sparse_fields:
-            uniq, inv = np.unique(rows[f], return_inverse=True)
-            w = torch.from_numpy(self.tables[f].gather(uniq))
-            w.requires_grad_(grad)
-            leaves.append((f, uniq, w))
-            idx = torch.from_numpy(inv.astype(np.int64))
-            if f in batch.multi:
-                lengths = batch.multi[f][1]
-                offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
-                cols.append(F.embedding_bag(idx, w, offsets, mode="mean"))
-            else:
-                cols.append(F.embedding(idx, w))
-        emb = torch.stack(cols, 1) if cols else torch.zeros(n, 0, self.cfg.dim + 1)
-        return emb, leaves
+    def field_keys(self, batch: Batch) -> tuple[np.ndarray, list[slice]]:
+        """Table keys of every sparse field of the batch, concatenated, and each field's slice.
 
-    def _keys(self, batch: Batch, f: str) -> np.ndarray:
-        return batch.keys[f] if f in batch.keys else batch.multi[f][0]
+        A key is the raw id's low 56 bits under the field's index in the top
+        byte: integer ids below 2**56 map exactly (collisionless), string ids
+        keep 56 bits of their 64-bit hash."""
+        parts, spans, at = [], [], 0
+        for i, f in enumerate(self.spec.sparse_fields):
+            k = batch.keys[f] if f in batch.keys else batch.multi[f][0]
+            parts.append((k & _ID_MASK) | np.int64(i << 56))
+            spans.append(slice(at, at + len(k)))
+            at += len(k)
+        return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), spans
+
+    def rows_per_field(self) -> dict[str, int]:
+        """Rows the table holds for each sparse field (the default row not counted)."""
+        tags = np.bincount(self.table.held_keys() >> 56, minlength=len(self.spec.sparse_fields))
+        return {f: int(tags[i]) for i, f in enumerate(self.spec.sparse_fields)}
+
+    def _pool(self, batch: Batch, rows: np.ndarray, spans: list[slice], grad: bool
+              ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """(B, F, D+1) pooled rows, the unique rows pulled, and their leaf tensor (receives gradients)."""
+        uniq, inv = np.unique(rows, return_inverse=True)
+        w = torch.from_numpy(self.table.gather(uniq))
+        w.requires_grad_(grad)
+        idx = torch.from_numpy(inv.astype(np.int64))
+        n_single = len(self.spec.categorical)
+        cols = [F.embedding(idx[: n_single * len(batch)].view(n_single, -1).T, w)] if n_single else []
+        for f, span in zip(self.spec.multi, spans[n_single:]):
+            lengths = batch.multi[f][1]
+            offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
+            cols.append(F.embedding_bag(idx[span], w, offsets, mode="mean").unsqueeze(1))
+        return torch.cat(cols, 1), uniq, w
 
     def next_batch_size(self) -> int:
         c = self.cfg
@@ -146,8 +160,8 @@ class OnlineLearner:
         torch.set_num_threads(self.cfg.threads)
         num, updates = self._numeric(batch, online=True)
         t_last = float(batch.ts[-1]) if len(batch) else 0.0
-        rows = {f: t.observe(self._keys(batch, f), t_last, self.events) for f, t in self.tables.items()}
-        emb, leaves = self._pool(batch, rows, grad=True)
+        keys, spans = self.field_keys(batch)
+        emb, uniq, w = self._pool(batch, self.table.observe(keys, t_last, self.events), spans, grad=True)
         # Statistics of the context numerics first: they hold no label, and a
         # raw input like a release year must not reach the first batch
         # unscaled. Counter features carry earlier events' labels, so theirs
@@ -161,14 +175,13 @@ class OnlineLearner:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        for f, uniq, w in leaves:
-            self.tables[f].apply_gradients(uniq, w.grad.numpy(), unique=True)
+        self.table.apply_gradients(uniq, w.grad.numpy(), unique=True)
         self.model.norm.update(num, slice(n_ctx, None))
         self.counters.update(batch, updates)
         self.events += len(batch)
         self.batches += 1
         if self.cfg.ttl_events is not None and self.batches % self.cfg.expire_every == 0:
-            for t in (*self.tables.values(), *self.counters.tables.values()):
+            for t in (self.table, *self.counters.tables.values()):
                 t.expire(t_last, self.events)
         return StepResult(torch.sigmoid(logit).detach().numpy(), batch.label, float(loss.detach()), num.numpy())
 
@@ -179,8 +192,8 @@ class OnlineLearner:
         up); a frozen model scores with ``online=False``."""
         torch.set_num_threads(self.cfg.threads)
         num, _ = self._numeric(batch, online=online)
-        rows = {f: t.rows(self._keys(batch, f)) for f, t in self.tables.items()}
-        emb, _ = self._pool(batch, rows, grad=False)
+        keys, spans = self.field_keys(batch)
+        emb, _, _ = self._pool(batch, self.table.rows(keys), spans, grad=False)
         return torch.sigmoid(self.model(emb, num)).numpy()
 
     def frozen_copy(self) -> "OnlineLearner":
