@@ -149,6 +149,7 @@ class LearnerSchema(_Section):
     hidden: tuple[PosInt, ...] = _default(LearnerConfig, "hidden")
     sparse_optimizer: Optimizer = _default(LearnerConfig, "sparse_optimizer")
     sparse_lr: PosFloat = _default(LearnerConfig, "sparse_lr")
+    init_std: Annotated[float, Field(ge=0, allow_inf_nan=False)] = _default(LearnerConfig, "init_std")
     dense_lr: PosFloat = _default(LearnerConfig, "dense_lr")
     admit_after: PosInt = _default(LearnerConfig, "admit_after")
     ttl_events: PosInt | None = _default(LearnerConfig, "ttl_events")

@@ -114,7 +114,7 @@ def _plot(rep: Mapping[str, Any], path: Path) -> None:
     sub = f"; online - frozen after split: {diff:+.4f}" if diff is not None else ""
     ax.set_title(f"{rep['name']}: progressive AUC{sub}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png")
 

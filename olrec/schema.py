@@ -115,9 +115,9 @@ def validate(table: pa.Table) -> Split:
         cols[name] = arr
 
     ts_col = table["ts"]
-    if pa.types.is_integer(ts_col.type) or pa.types.is_floating(ts_col.type):
-        ts = pc.cast(ts_col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
-        flag(~np.isfinite(ts), "ts is missing, NaN or infinite")
+    if _numberlike(ts_col.type):
+        ts = _numbers(ts_col)
+        flag(~np.isfinite(ts), "ts is missing, NaN, infinite or not a number")
     elif pa.types.is_timestamp(ts_col.type):
         ts = pc.cast(ts_col, pa.timestamp("us")).cast(pa.int64()).to_numpy(zero_copy_only=False) / 1e6
         flag(pc.is_null(ts_col).to_numpy(zero_copy_only=False), "ts is missing")
@@ -127,8 +127,8 @@ def validate(table: pa.Table) -> Split:
     cols["ts"] = pa.chunked_array([np.nan_to_num(ts)])
 
     lab_col = table["label"]
-    if pa.types.is_integer(lab_col.type) or pa.types.is_floating(lab_col.type) or pa.types.is_boolean(lab_col.type):
-        lab = pc.cast(lab_col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+    if _numberlike(lab_col.type) or pa.types.is_boolean(lab_col.type):
+        lab = _numbers(lab_col)
         flag(~np.isin(lab, (0.0, 1.0)), "label is not 0 or 1")
     else:
         lab = np.zeros(n)
@@ -137,8 +137,8 @@ def validate(table: pa.Table) -> Split:
 
     if "weight" in table.column_names:
         w_col = table["weight"]
-        if pa.types.is_integer(w_col.type) or pa.types.is_floating(w_col.type) or pa.types.is_boolean(w_col.type):
-            w = pc.cast(w_col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        if _numberlike(w_col.type) or pa.types.is_boolean(w_col.type):
+            w = _numbers(w_col)
             flag(~np.isfinite(w) | (w < 0), "weight is missing, negative, NaN or infinite")
         else:
             w = np.zeros(n)
@@ -164,6 +164,20 @@ def validate(table: pa.Table) -> Split:
     out = pa.table({c: cols[c] for c in order})
     out = out.cast(_normalized_schema(out.schema))
     return Split(out.filter(pa.array(good_mask)), _bad_rows(table, reasons, ~good_mask))
+
+
+def _numberlike(t: pa.DataType) -> bool:
+    """Numbers, or strings that may hold them (one bad cell makes a CSV column text)."""
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _numbers(col: pa.ChunkedArray) -> np.ndarray:
+    """float64 values; NaN where a cell is missing or (in a text column) not a number."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        import pandas as pd
+
+        return pd.to_numeric(pd.Series(col.to_numpy(zero_copy_only=False)), errors="coerce").to_numpy(np.float64)
+    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 def _normalized_schema(schema: pa.Schema) -> pa.Schema:

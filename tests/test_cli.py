@@ -1,0 +1,77 @@
+"""The olrec command, run in-process on small real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from olrec.cli import main
+
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+
+
+def _csv(path: Path, n: int = 3000, bad: int = 5) -> None:
+    rng = np.random.default_rng(0)
+    lines = ["uid,item_id,ts,clicked,device,tags,price"]
+    for i in range(n):
+        u, it = rng.integers(0, 50), rng.integers(0, 40)
+        y = int(rng.random() < (0.2 + 0.6 * (u % 2)))
+        lines.append(f"u{u},{it},{1_700_000_000 + i},{y},{rng.choice(['ios', 'web'])},"
+                     f"{rng.choice(['a', 'a|b', 'c'])},{rng.random() * 10:.2f}")
+    for i in range(bad):  # label 2, missing user, NaN ts, ...
+        lines.insert(10 + i * 7, ["u1,1,1700000000,2,ios,a,1", ",1,1700000000,1,ios,a,1",
+                                  "u1,1,nan,1,ios,a,1", "u1,1,1700000000,yes,ios,a,1", "u1,,1700000000,1,web,a,1"][i % 5])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_learn_generic_csv_writes_report_and_dead_letters(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "events.csv"
+    _csv(src)
+    out = tmp_path / "rep"
+    code = main(["learn", "--events", str(src), "--format", "generic", "--columns", "uid=user_id", "clicked=label",
+                 "--report-dir", str(out), "--batch-size", "256", "--quiet"])
+    assert code == 0
+    rep = json.loads((out / "events.json").read_text())
+    assert rep["events"] == 3000 and rep["dead_lettered"] == 5
+    assert 0.6 < rep["auc"] <= 1.0  # users are either clickers or not: learnable
+    assert rep["auc_online_after_split"] is not None and rep["windows"]
+    assert (out / "events.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dead = [json.loads(line) for line in (out / "dead-letter.jsonl").read_text().splitlines()]
+    assert len(dead) == 5 and all(d["reason"] for d in dead)
+    assert "events/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sub, options", [
+    ("learn", ["--events", "--format", "--columns", "--config", "--report-dir", "--batch-size", "--max-events"]),
+    ("demo", ["--data", "--max-events", "--report-dir", "--quiet"]),
+])
+def test_help_lists_every_option(sub: str, options: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([sub, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all(o in text for o in options)
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learner:\n  bach_size: 3\n")
+    assert main(["learn", "--config", str(cfg), "--format", "synthetic", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("olrec: error:") and "learner.bach_size" in err and "Traceback" not in err
+
+
+def test_demo_with_missing_data_exits_2_naming_the_path(capsys) -> None:
+    assert main(["demo", "--data", "/nonexistent/ml-100k", "--quiet"]) == 2
+    assert "/nonexistent/ml-100k" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not ML100K.is_dir(), reason="MovieLens-100K not beside the repo")
+def test_demo_on_movielens(tmp_path: Path) -> None:
+    assert main(["demo", "--data", str(ML100K), "--max-events", "20000", "--report-dir", str(tmp_path), "--quiet"]) == 0
+    rep = json.loads((tmp_path / "demo.json").read_text())
+    assert rep["events"] == 20000 and rep["auc"] > 0.7
+    assert rep["auc_online_after_split"] > rep["auc_frozen_after_split"]
