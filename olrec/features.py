@@ -208,16 +208,18 @@ class Groups:
             return np.zeros((0,) + vals.shape[1:], vals.dtype)
         return np.add.reduceat(vals[self.order], np.flatnonzero(self.first), axis=0)
 
-    def ewma(self, vals: np.ndarray, start: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-        """Moving averages ``v <- v + alpha * (x - v)`` per key, from ``start``
-        (one value per unique key). Returns (value before each position, value
-        per unique key after its last position). A segmented Hillis-Steele scan:
-        log2(longest run) vectorised passes, no exponent blow-up."""
+    def ewma(self, vals: np.ndarray, start: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Moving averages ``v <- v + alpha * (x - v)`` per key, one column per
+        alpha, from ``start`` ((unique keys, A): stored values). Returns (value
+        before each position (n, A), value per unique key after its last
+        position (U, A)). A segmented Hillis-Steele scan: log2(longest run)
+        vectorised passes, no exponent blow-up."""
+        alphas = np.asarray(alphas, np.float64)
         n = len(vals)
         if n == 0:
-            return np.zeros(0), start.copy()
-        decay = 1.0 - alpha
-        acc = alpha * vals[self.order].astype(np.float64)
+            return np.zeros((0, len(alphas))), start.copy()
+        decay = 1.0 - alphas
+        acc = alphas * vals[self.order].astype(np.float64)[:, None]
         d, longest = 1, int(self.pos.max())
         while d <= longest:
             sel = np.flatnonzero(self.pos >= d)
@@ -225,8 +227,8 @@ class Groups:
             nxt[sel] += decay**d * acc[sel - d]
             acc, d = nxt, d * 2
         s0 = start[np.cumsum(self.first) - 1]
-        after = decay ** (self.pos + 1) * s0 + acc
-        before = np.where(self.first, s0, np.concatenate(([0.0], after[:-1])))
+        after = decay ** (self.pos + 1)[:, None] * s0 + acc
+        before = np.where(self.first[:, None], s0, np.concatenate((np.zeros((1, len(alphas))), after[:-1])))
         last = np.concatenate((self.first[1:], [True]))
         return self._unsort(before), after[last]
 
@@ -337,16 +339,19 @@ class Counters:
             out[:, 3 * j + 1] = np.log1p(cnt)
             out[:, 3 * j + 2] = np.bincount(ev, res, minlength=n) / (cnt + a)
             delta = [g.total(np.stack([np.ones(len(k)), y[ev], resid], 1))]
-            for i, alpha in enumerate(self.alphas[key]):
-                # A key never seen starts its average at the global rate.
-                start = np.where(rows > 0, stored[:, self.DIM + i], prior[0] if n else 0.5)
+            alphas = self.alphas[key]
+            if alphas:
+                # A key never seen starts its averages at the global rate.
+                stored_avg = stored[:, self.DIM :]
+                start = np.where((rows > 0)[:, None], stored_avg, prior[0] if n else 0.5)
                 if online:
-                    before, after = g.ewma(y[ev], start, alpha)
+                    before, after = g.ewma(y[ev], start, np.array(alphas))
                 else:
                     before, after = start[g.inverse], start
                 counts = np.maximum(np.bincount(ev, minlength=n), 1)
-                out[:, ewma_col[(key, alpha)]] = np.bincount(ev, before, minlength=n) / counts
-                delta.append((after - stored[:, self.DIM + i])[:, None])
+                for i, alpha in enumerate(alphas):
+                    out[:, ewma_col[(key, alpha)]] = np.bincount(ev, before[:, i], minlength=n) / counts
+                delta.append(after - stored_avg)
             updates.append((key, g.uniq, rows, np.concatenate(delta, 1).astype(np.float32)))
         out[:, -1] = _logit(prior)
         return out, updates

@@ -94,18 +94,23 @@ def test_ewma_equals_loop(kv, alpha, seed):
     for k, x in zip(keys.tolist(), vals.tolist()):
         before.append(state[k])
         state[k] = state[k] + alpha * (x - state[k])
-    got_before, got_after = g.ewma(vals, start, alpha)
-    np.testing.assert_allclose(got_before, before, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(got_after, [state[k] for k in g.uniq.tolist()], rtol=1e-9, atol=1e-12)
+    # Two columns: the drawn alpha and a fixed one, from the same starts.
+    got_before, got_after = g.ewma(vals, np.stack([start, start], 1), np.array([alpha, 0.5]))
+    np.testing.assert_allclose(got_before[:, 0], before, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got_after[:, 0], [state[k] for k in g.uniq.tolist()], rtol=1e-9, atol=1e-12)
+    half = dict(zip(g.uniq.tolist(), start.tolist()))
+    for k, x in zip(keys.tolist(), vals.tolist()):
+        half[k] = half[k] + 0.5 * (x - half[k])
+    np.testing.assert_allclose(got_after[:, 1], [half[k] for k in g.uniq.tolist()], rtol=1e-9, atol=1e-12)
 
 
 def test_ewma_long_run_is_stable():
     keys = np.zeros(5000, np.int64)
     vals = np.ones(5000)
-    before, after = Groups(keys).ewma(vals, np.array([0.0]), 0.01)
+    before, after = Groups(keys).ewma(vals, np.array([[0.0]]), np.array([0.01]))
     assert np.isfinite(before).all()
-    assert after[0] == pytest.approx(1 - 0.99**5000)
-    assert before[100] == pytest.approx(1 - 0.99**100)
+    assert after[0, 0] == pytest.approx(1 - 0.99**5000)
+    assert before[100, 0] == pytest.approx(1 - 0.99**100)
 
 
 # -- encode and counter_keys ----------------------------------------------------------
