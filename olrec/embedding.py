@@ -143,6 +143,11 @@ class EmbeddingTable:
         """Admitted ids (the default row not counted)."""
         return self._n - 1
 
+    @property
+    def size(self) -> int:
+        """Rows in use, the default row included: every row index is below this."""
+        return self._n
+
     # -- lookup ----------------------------------------------------------
     def rows(self, keys: np.ndarray) -> np.ndarray:
         """Rows for ``keys`` without side effects; not-admitted ids map to the default row 0."""

@@ -75,6 +75,20 @@ class StepResult:
 _ID_MASK = np.int64((1 << 56) - 1)
 
 
+def _unique_rows(rows: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(rows, return_inverse=True) for row indices below ``n_rows``:
+    a mark-and-rank pass instead of a sort while the table is not much larger
+    than the batch."""
+    if n_rows > 64 * len(rows):
+        return np.unique(rows, return_inverse=True)
+    seen = np.zeros(n_rows, bool)
+    seen[rows] = True
+    uniq = np.flatnonzero(seen)
+    rank = np.empty(n_rows, np.int64)
+    rank[uniq] = np.arange(len(uniq))
+    return uniq, rank[rows]
+
+
 class OnlineLearner:
     def __init__(self, spec: FeatureSpec, cfg: LearnerConfig = LearnerConfig()) -> None:
         self.spec, self.cfg = spec, cfg
@@ -135,7 +149,7 @@ class OnlineLearner:
     def _pool(self, batch: Batch, rows: np.ndarray, spans: list[slice], grad: bool
               ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """(B, F, D+1) pooled rows, the unique rows pulled, and their leaf tensor (receives gradients)."""
-        uniq, inv = np.unique(rows, return_inverse=True)
+        uniq, inv = _unique_rows(rows, self.table.size)
         w = torch.from_numpy(self.table.gather(uniq))
         w.requires_grad_(grad)
         idx = torch.from_numpy(inv.astype(np.int64))
