@@ -210,25 +210,28 @@ class Groups:
 
     def ewma(self, vals: np.ndarray, start: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Moving averages ``v <- v + alpha * (x - v)`` per key, one column per
-        alpha, from ``start`` ((unique keys, A): stored values). Returns (value
-        before each position (n, A), value per unique key after its last
-        position (U, A)). A segmented Hillis-Steele scan: log2(longest run)
-        vectorised passes, no exponent blow-up."""
+        alpha, from ``start`` ((unique keys, A): stored values). ``alphas`` is
+        (A,), or (n, A) per position (equal on all of a key's positions).
+        Returns (value before each position (n, A), value per unique key after
+        its last position (U, A)). A segmented Hillis-Steele scan: log2(longest
+        run) vectorised passes, no exponent blow-up."""
         alphas = np.asarray(alphas, np.float64)
         n = len(vals)
         if n == 0:
-            return np.zeros((0, len(alphas))), start.copy()
+            return np.zeros((0, alphas.shape[-1])), start.copy()
+        if alphas.ndim == 2:
+            alphas = alphas[self.order]
         decay = 1.0 - alphas
         acc = alphas * vals[self.order].astype(np.float64)[:, None]
         d, longest = 1, int(self.pos.max())
         while d <= longest:
             sel = np.flatnonzero(self.pos >= d)
             nxt = acc.copy()
-            nxt[sel] += decay**d * acc[sel - d]
+            nxt[sel] += (decay[sel] if decay.ndim == 2 else decay) ** d * acc[sel - d]
             acc, d = nxt, d * 2
         s0 = start[np.cumsum(self.first) - 1]
         after = decay ** (self.pos + 1)[:, None] * s0 + acc
-        before = np.where(self.first[:, None], s0, np.concatenate((np.zeros((1, len(alphas))), after[:-1])))
+        before = np.where(self.first[:, None], s0, np.concatenate((np.zeros((1, alphas.shape[-1])), after[:-1])))
         last = np.concatenate((self.first[1:], [True]))
         return self._unsort(before), after[last]
 
@@ -266,9 +269,10 @@ def counter_keys(batch: Batch, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Counters:
-    """Label counters per key, kept in embedding tables: count, positives, the
-    residual sum of ``label - reference rate``, then one moving average of the
-    labels per recency alpha of that key.
+    """Label counters per key, kept in one embedding table (a key's index
+    tags its ids, as sparse fields do): count, positives, the residual sum of
+    ``label - reference rate``, then the moving averages of the labels, one
+    per recency alpha of that key.
 
     The residual debiases a rate: a user who rates only popular films has a
     high positive rate but a residual near zero. A user key's reference is the
@@ -281,22 +285,23 @@ class Counters:
         if spec.counters and not {"user_id", "item_id"} <= set(spec.counters):
             raise ValueError("FeatureSpec.counters must include 'user_id' and 'item_id' (they are the residual references)")
         self.spec = spec
-        self.alphas = {k: [a for rk, a in spec.recency if rk == k] for k in spec.counters}
-        self.tables = {k: EmbeddingTable(TableConfig(name=f"counter:{k}", dim=self.DIM + len(self.alphas[k]),
-                                                     optimizer="none", init_std=0.0, ttl_events=ttl_events))
-                       for k in spec.counters}
+        self.keys = list(spec.counters)
+        self.alphas = {k: [a for rk, a in spec.recency if rk == k] for k in self.keys}
+        self.n_avg = max((len(v) for v in self.alphas.values()), default=0)
+        self.table = EmbeddingTable(TableConfig(name="counters", dim=self.DIM + self.n_avg, optimizer="none",
+                                                init_std=0.0, ttl_events=ttl_events))
         self.total = np.zeros(2, np.float64)  # global (count, positives)
 
     @property
     def width(self) -> int:
-        return self.DIM * len(self.tables) + len(self.spec.recency) + 1
+        return self.DIM * len(self.keys) + len(self.spec.recency) + 1
 
     def feature_names(self) -> list[str]:
-        names = [f"{k}:{stat}" for k in self.tables for stat in ("rate_logit", "log_count", "residual")]
+        names = [f"{k}:{stat}" for k in self.keys for stat in ("rate_logit", "log_count", "residual")]
         return names + [f"{k}:recent{a:g}" for k, a in self.spec.recency] + ["global:rate_logit"]
 
-    def features(self, batch: Batch, online: bool) -> tuple[np.ndarray, list]:
-        """Features (B, width) float32 and the updates to apply once the batch is learned.
+    def features(self, batch: Batch, online: bool) -> tuple[np.ndarray, tuple]:
+        """Features (B, width) float32 and the update to apply once the batch is learned.
 
         Per key: logit of the smoothed positive rate, log1p(count), mean
         residual; then the moving averages; last, the logit of the global
@@ -311,65 +316,81 @@ class Counters:
         prior = (tot[:, 1] + 1.0) / (tot[:, 0] + 2.0)
         a = self.spec.prior_strength
         out = np.empty((n, self.width), np.float32)
-        ewma_col = {ka: self.DIM * len(self.tables) + i for i, ka in enumerate(self.spec.recency)}
 
-        # Pass 1: counts and positives, hence each key's rate per event.
-        parts = {}
-        for key, table in self.tables.items():
+        # Every key's ids in one array, tagged by the key's index: one sort,
+        # one lookup, one scan for all counters.
+        ks, evs, spans, at = [], [], [], 0
+        for j, key in enumerate(self.keys):
             k, ev = counter_keys(batch, key)
-            g = Groups(k)
-            rows = table.rows(g.uniq)
-            stored = table.gather(rows).astype(np.float64)
-            cp = stored[g.inverse, :2]
-            if online:
-                cp = cp + g.exclusive_sum(np.stack([np.ones(len(k)), y[ev]], 1))
-            cnt = np.bincount(ev, cp[:, 0], minlength=n)
-            rate = (np.bincount(ev, cp[:, 1], minlength=n) + a * prior) / (cnt + a)
-            parts[key] = (k, ev, g, rows, stored, cnt, rate)
+            ks.append((k & _ID_MASK) | np.int64(j << 56))
+            evs.append(ev)
+            spans.append(slice(at, at + len(k)))
+            at += len(k)
+        k = np.concatenate(ks) if ks else np.zeros(0, np.int64)
+        ev = np.concatenate(evs) if evs else np.zeros(0, np.int64)
+        g = Groups(k)
+        rows = self.table.rows(g.uniq)
+        stored = self.table.gather(rows).astype(np.float64)
+        state = stored[g.inverse, : self.DIM]
+        if online:
+            state[:, :2] += g.exclusive_sum(np.stack([np.ones(len(k)), y[ev]], 1))
+
+        # Pass 1: each key's count and rate per event.
+        cnt, rate = {}, {}
+        for key, sp in zip(self.keys, spans):
+            cnt[key] = np.bincount(ev[sp], state[sp, 0], minlength=n)
+            rate[key] = (np.bincount(ev[sp], state[sp, 1], minlength=n) + a * prior) / (cnt[key] + a)
 
         # Pass 2: residuals against the reference rate, and moving averages.
-        updates = []
-        for j, (key, (k, ev, g, rows, stored, cnt, rate)) in enumerate(parts.items()):
-            ref = parts["item_id" if key.split("*")[0] == "user_id" else "user_id"][6]
-            resid = y[ev] - ref[ev]
-            res = stored[g.inverse, 2]
+        resid = np.empty(len(k))
+        for key, sp in zip(self.keys, spans):
+            resid[sp] = y[ev[sp]] - rate["item_id" if key.split("*")[0] == "user_id" else "user_id"][ev[sp]]
+        if online:
+            state[:, 2] += g.exclusive_sum(resid)
+        for j, (key, sp) in enumerate(zip(self.keys, spans)):
+            out[:, 3 * j] = _logit(rate[key])
+            out[:, 3 * j + 1] = np.log1p(cnt[key])
+            out[:, 3 * j + 2] = np.bincount(ev[sp], state[sp, 2], minlength=n) / (cnt[key] + a)
+        delta = [g.total(np.stack([np.ones(len(k)), y[ev], resid], 1))]
+        if self.n_avg:
+            # Each position takes its key's alphas (unused columns get 0.5 and are never read).
+            alphas = np.full((len(k), self.n_avg), 0.5)
+            for key, sp in zip(self.keys, spans):
+                if self.alphas[key]:
+                    alphas[sp, : len(self.alphas[key])] = self.alphas[key]
+            stored_avg = stored[:, self.DIM :]
+            # A key never seen starts its averages at the global rate.
+            start = np.where((rows > 0)[:, None], stored_avg, prior[0] if n else 0.5)
             if online:
-                res = res + g.exclusive_sum(resid)
-            out[:, 3 * j] = _logit(rate)
-            out[:, 3 * j + 1] = np.log1p(cnt)
-            out[:, 3 * j + 2] = np.bincount(ev, res, minlength=n) / (cnt + a)
-            delta = [g.total(np.stack([np.ones(len(k)), y[ev], resid], 1))]
-            alphas = self.alphas[key]
-            if alphas:
-                # A key never seen starts its averages at the global rate.
-                stored_avg = stored[:, self.DIM :]
-                start = np.where((rows > 0)[:, None], stored_avg, prior[0] if n else 0.5)
-                if online:
-                    before, after = g.ewma(y[ev], start, np.array(alphas))
-                else:
-                    before, after = start[g.inverse], start
-                counts = np.maximum(np.bincount(ev, minlength=n), 1)
-                for i, alpha in enumerate(alphas):
-                    out[:, ewma_col[(key, alpha)]] = np.bincount(ev, before[:, i], minlength=n) / counts
-                delta.append(after - stored_avg)
-            updates.append((key, g.uniq, rows, np.concatenate(delta, 1).astype(np.float32)))
+                before, after = g.ewma(y[ev], start, alphas)
+            else:
+                before, after = start[g.inverse], start
+            col = self.DIM * len(self.keys)
+            for key, sp in zip(self.keys, spans):
+                counts = np.maximum(np.bincount(ev[sp], minlength=n), 1)
+                for i in range(len(self.alphas[key])):
+                    out[:, col] = np.bincount(ev[sp], before[sp, i], minlength=n) / counts
+                    col += 1
+            delta.append(after - stored_avg)
         out[:, -1] = _logit(prior)
-        return out, updates
+        return out, (g.uniq, rows, np.concatenate(delta, 1).astype(np.float32))
 
-    def update(self, batch: Batch, updates: list) -> None:
-        """Apply the updates that :meth:`features` returned for this batch."""
+    def update(self, batch: Batch, update: tuple) -> None:
+        """Apply the update that :meth:`features` returned for this batch."""
+        uniq, rows, delta = update
         ts = float(batch.ts[-1]) if len(batch) else 0.0
-        for key, uniq, rows, delta in updates:
-            table = self.tables[key]
-            table.add(table.observe(uniq, ts, rows=rows), delta, unique=True)
+        self.table.add(self.table.observe(uniq, ts, rows=rows), delta, unique=True)
         self.total += (len(batch), float(batch.label.sum()))
 
     def state_dict(self) -> dict:
-        return {"tables": {k: t.state_dict() for k, t in self.tables.items()}, "total": self.total.copy()}
+        return {"table": self.table.state_dict(), "total": self.total.copy()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.tables = {k: EmbeddingTable.from_state_dict(s) for k, s in state["tables"].items()}
+        self.table = EmbeddingTable.from_state_dict(state["table"])
         self.total = state["total"].copy()
+
+
+_ID_MASK = np.int64((1 << 56) - 1)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -195,7 +195,7 @@ class OnlineLearner:
         self.events += len(batch)
         self.batches += 1
         if self.cfg.ttl_events is not None and self.batches % self.cfg.expire_every == 0:
-            for t in (self.table, *self.counters.tables.values()):
+            for t in (self.table, self.counters.table):
                 t.expire(t_last, self.events)
         return StepResult(torch.sigmoid(logit).detach().numpy(), batch.label, float(loss.detach()), num.numpy())
 
