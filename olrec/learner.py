@@ -26,7 +26,7 @@ from .model import Arch, DenseTower
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    batch_size: int = 1024
+    batch_size: int = 2048
     #: Batches start at ``warmup_batch_size`` and grow to ``batch_size`` over the
     #: first ``warmup_events``: a young model gains most from many small steps,
     #: a mature one from the speed of large batches.
@@ -38,7 +38,7 @@ class LearnerConfig:
     sparse_optimizer: str = "adagrad"
     sparse_lr: float = 0.05
     init_std: float = 0.01  # initial embedding rows ~ N(0, init_std)
-    dense_lr: float = 0.003
+    dense_lr: float = 0.006
     admit_after: int = 1
     ttl_events: int | None = None
     expire_every: int = 100  # batches between expiry sweeps
