@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="rename generic columns to the schema's names, e.g. uid=user_id clicked=label")
     learn.add_argument("--config", type=Path, help="a YAML config (see cluster/jobs/ml100k.yaml); flags override it")
     learn.add_argument("--report-dir", type=Path, help="where the report goes (default: reports/<name>)")
-    learn.add_argument("--batch-size", type=int, help="micro-batch size after the warm-up (default 1024)")
+    learn.add_argument("--batch-size", type=int, help="micro-batch size after the warm-up (default 2048)")
     learn.add_argument("--max-events", type=int, help="learn only the first N events")
     learn.add_argument("--quiet", action="store_true", help="no progress bar")
 
