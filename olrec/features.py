@@ -11,7 +11,7 @@ never enters its features.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -109,7 +109,6 @@ class Batch:
     label: np.ndarray  # (B,) float32
     ts: np.ndarray  # (B,) float64
     weight: np.ndarray  # (B,) float32
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -124,7 +123,7 @@ class Batch:
             multi[f] = (flat[lo:hi], lengths[start:stop])
         return Batch(keys={f: k[start:stop] for f, k in self.keys.items()}, multi=multi,
                      numeric=self.numeric[start:stop], label=self.label[start:stop], ts=self.ts[start:stop],
-                     weight=self.weight[start:stop], extra={k: v[start:stop] for k, v in self.extra.items()})
+                     weight=self.weight[start:stop])
 
 
 def _string_keys(col: pa.ChunkedArray | pa.Array) -> np.ndarray:

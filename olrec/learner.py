@@ -11,16 +11,14 @@ The parameter-server path (Ray) does the same with pull/push over shards.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 from .embedding import EmbeddingTable, TableConfig
-from .features import Batch, Counters, FeatureSpec, encode
+from .features import Batch, Counters, FeatureSpec
 from .model import Arch, DenseTower
 
 
@@ -213,17 +211,3 @@ class OnlineLearner:
     def frozen_copy(self) -> "OnlineLearner":
         """An independent copy of all state: rows, counters, dense weights, statistics."""
         return copy.deepcopy(self)
-
-    def batches_of(self, table: pa.Table) -> Iterator[Batch]:
-        """Encoded batches of ``table`` in the learner's batch-size schedule
-        (valid while this learner consumes them in order)."""
-        start = 0
-        while start < table.num_rows:
-            size = self.next_batch_size()
-            yield encode(table.slice(start, size), self.spec)
-            start += size
-
-
-def learn_stream(learner: OnlineLearner, batches: Iterable[Batch]) -> Iterator[StepResult]:
-    for b in batches:
-        yield learner.step(b)
