@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .embedding import EmbeddingTable, TableConfig
-from .ids import hash_strings
+from .ids import hash_strings, tag_keys
 from .schema import MULTI_SEP, RESERVED
 
 
@@ -321,7 +321,7 @@ class Counters:
         ks, evs, spans, at = [], [], [], 0
         for j, key in enumerate(self.keys):
             k, ev = counter_keys(batch, key)
-            ks.append((k & _ID_MASK) | np.int64(j << 56))
+            ks.append(tag_keys(k, j))
             evs.append(ev)
             spans.append(slice(at, at + len(k)))
             at += len(k)
@@ -387,9 +387,6 @@ class Counters:
     def load_state_dict(self, state: dict) -> None:
         self.table = EmbeddingTable.from_state_dict(state["table"])
         self.total = state["total"].copy()
-
-
-_ID_MASK = np.int64((1 << 56) - 1)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

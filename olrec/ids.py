@@ -28,6 +28,19 @@ def hash_strings(values: np.ndarray) -> np.ndarray:
     return -(h >> np.uint64(2)).astype(np.int64) - 1  # in [-2**62, -1]: never EMPTY
 
 
+TAG_BITS = 56
+_LOW = np.int64((1 << TAG_BITS) - 1)
+
+
+def tag_keys(keys: np.ndarray, tag: int) -> np.ndarray:
+    """Keys of one field (or counter) in a table shared by several: the id's
+    low 56 bits under ``tag`` in the top byte. Integer ids in [0, 2**56) stay
+    exact, so fields never collide; string ids keep 56 bits of their hash."""
+    if not 0 <= tag < 128:
+        raise ValueError(f"tag must be in [0, 128), got {tag}")
+    return (np.asarray(keys, np.int64) & _LOW) | np.int64(tag << TAG_BITS)
+
+
 class IdMap:
     """int64 key → row index in [0, size), assigned in first-seen order."""
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .embedding import EmbeddingTable, TableConfig
 from .features import Batch, Counters, FeatureSpec
+from .ids import TAG_BITS, tag_keys
 from .model import Arch, DenseTower
 
 
@@ -68,9 +69,6 @@ class StepResult:
     label: np.ndarray
     loss: float
     numeric: np.ndarray  # (B, spec.n_numeric) the dense tower's raw numeric input: context numerics, counter features
-
-
-_ID_MASK = np.int64((1 << 56) - 1)
 
 
 def _unique_rows(rows: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,20 +126,18 @@ class OnlineLearner:
     def field_keys(self, batch: Batch) -> tuple[np.ndarray, list[slice]]:
         """Table keys of every sparse field of the batch, concatenated, and each field's slice.
 
-        A key is the raw id's low 56 bits under the field's index in the top
-        byte: integer ids below 2**56 map exactly (collisionless), string ids
-        keep 56 bits of their 64-bit hash."""
+        Keys are tagged by the field's index (:func:`olrec.ids.tag_keys`)."""
         parts, spans, at = [], [], 0
         for i, f in enumerate(self.spec.sparse_fields):
             k = batch.keys[f] if f in batch.keys else batch.multi[f][0]
-            parts.append((k & _ID_MASK) | np.int64(i << 56))
+            parts.append(tag_keys(k, i))
             spans.append(slice(at, at + len(k)))
             at += len(k)
         return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), spans
 
     def rows_per_field(self) -> dict[str, int]:
         """Rows the table holds for each sparse field (the default row not counted)."""
-        tags = np.bincount(self.table.held_keys() >> 56, minlength=len(self.spec.sparse_fields))
+        tags = np.bincount(self.table.held_keys() >> TAG_BITS, minlength=len(self.spec.sparse_fields))
         return {f: int(tags[i]) for i, f in enumerate(self.spec.sparse_fields)}
 
     def _pool(self, batch: Batch, rows: np.ndarray, spans: list[slice], grad: bool

@@ -165,3 +165,20 @@ def test_hash_strings_stable_across_processes():
                          env={"PYTHONHASHSEED": "12345", "PATH": ""},
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == str(hash_strings(np.array(["Drama", "x"], dtype=object)).tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 127), st.integers(0, 2**56 - 1)), min_size=1, max_size=200))
+def test_tagged_keys_of_distinct_fields_or_ids_never_collide(pairs) -> None:
+    from olrec.ids import tag_keys
+
+    keys = {int(tag_keys(np.array([i], np.int64), t)[0]): (t, i) for t, i in pairs}
+    assert len(keys) == len(set(pairs))  # one key per distinct (field, id)
+    assert all(k >= 0 for k in keys)  # never the reserved key
+
+
+def test_tag_out_of_range_is_refused() -> None:
+    from olrec.ids import tag_keys
+
+    with pytest.raises(ValueError, match="tag"):
+        tag_keys(np.array([1]), 128)
