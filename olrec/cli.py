@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import Config, ConfigError, build_learner, load_config
+from .learner import LearnerConfig
 
 REPO = Path(__file__).resolve().parents[1]
+_ROW = "__olrec_row"  # row number carried through validation onto rejected rows
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
 
 
@@ -41,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     learn.add_argument("--columns", nargs="+", metavar="OLD=NEW", default=None,
                        help="rename generic columns to the schema's names, e.g. uid=user_id clicked=label")
     learn.add_argument("--config", type=Path, help="a YAML config (see cluster/jobs/ml100k.yaml); flags override it")
-    learn.add_argument("--report-dir", type=Path, help="where the report goes (default: reports/<name>)")
-    learn.add_argument("--batch-size", type=int, help="micro-batch size after the warm-up (default 2048)")
+    learn.add_argument("--report-dir", type=Path, help="where the report and dead-letter.jsonl (rejected rows of generic files, "
+                       "with reasons) go (default: reports/<name>)")
+    learn.add_argument("--batch-size", type=int, help=f"micro-batch size after the warm-up (default {LearnerConfig.batch_size})")
     learn.add_argument("--max-events", type=int, help="learn only the first N events")
     learn.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -83,6 +86,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_events(cfg: Config, dead_letter: Path):
     """The configured events as a validated table; malformed rows go to ``dead_letter``."""
+    import numpy as np
     import pyarrow as pa
 
     from .schema import validate
@@ -97,22 +101,41 @@ def load_events(cfg: Config, dead_letter: Path):
             raise UsageError(f"no events given: pass --events (format {d.format})")
         if not d.path.exists():
             raise UsageError(f"events path {d.path} does not exist")
+        try:
+            raw = read_ml100k(d.path) if d.format == "ml100k" else read_files(d.path, d.columns or None)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (an unparsable CSV) is a ValueError
+            raise UsageError(f"cannot read {d.path} as {d.format} events: {' '.join(str(e).split())}") from None
         if d.format == "ml100k":
-            events, n_bad = read_ml100k(d.path), 0
+            events, n_bad = raw, 0
         else:
-            split = validate(read_files(d.path, d.columns or None))
-            events, n_bad = split.good, split.n_bad
-            if n_bad:
-                dead_letter.parent.mkdir(parents=True, exist_ok=True)
-                with dead_letter.open("a", encoding="utf-8") as f:
-                    for row in split.bad.to_pylist():
-                        f.write(json.dumps(row) + "\n")
+            # A row number travels through validation onto each rejected row.
+            split = validate(raw.append_column(_ROW, pa.array(np.arange(raw.num_rows, dtype=np.int64))))
+            events, n_bad = split.good.drop_columns([_ROW]), split.n_bad
+            reasons = _write_dead_letters(split.bad, dead_letter)
+            if events.num_rows == 0:
+                why = "; ".join(f"{r} ({k} rows)" for r, k in reasons.items())
+                raise UsageError(f"no valid events in {d.path}: {why}; rejected rows in {dead_letter}")
     if d.max_events is not None:
         events = events.slice(0, d.max_events)
     if events.num_rows == 0:
         raise UsageError(f"no valid events in {d.path or 'the synthetic stream'}")
     assert isinstance(events, pa.Table)
     return events, n_bad
+
+
+def _write_dead_letters(bad, path: Path) -> dict[str, int]:
+    """Rewrite ``path`` with this run's rejected rows (empty when none): one JSON
+    object per row, its cells as text, ``row`` (0-based, in file order) and ``reason``.
+    Returns the count per reason."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reasons: dict[str, int] = {}
+    with path.open("w", encoding="utf-8") as f:
+        for rec in bad.to_pylist():
+            row = rec.pop(_ROW, None)
+            rec["row"] = None if row is None else int(row)
+            reasons[rec["reason"]] = reasons.get(rec["reason"], 0) + 1
+            f.write(json.dumps(rec) + "\n")
+    return reasons
 
 
 def run_learn(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:

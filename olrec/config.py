@@ -33,27 +33,17 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from typing_extensions import Annotated
 
 from .embedding import Optimizer
-from .features import FeatureSpec
+from .features import FeatureSpec, ml100k_spec
 from .learner import LearnerConfig, OnlineLearner
 from .model import Arch
 from .sources import SyntheticConfig
 
 __all__ = [
-    "ConfigError", "Config", "DataConfig", "ReportConfig", "ConfigSchema", "ML100K_FEATURES",
+    "ConfigError", "Config", "DataConfig", "ReportConfig", "ConfigSchema",
     "load_config", "build_learner",
 ]
 
 Format = Literal["ml100k", "generic", "synthetic"]
-
-#: olrec's MovieLens-100K features: every context column of :func:`read_ml100k`,
-#: label counters on user, item and the user's taste per genre.
-ML100K_FEATURES: Mapping[str, Any] = MappingProxyType({
-    "categorical": ("user_id", "item_id", "age", "gender", "occupation", "zip"),
-    "multi": ("genres",),
-    "numeric": ("year",),
-    "counters": ("user_id", "item_id", "user_id*genres"),
-})
-
 
 class ConfigError(ValueError):
     """A config that does not validate. ``errors`` holds one line per problem."""
@@ -318,7 +308,7 @@ def _from_schema(s: ConfigSchema) -> Config:
 
     overrides = s.features.overrides()
     if d.format == "ml100k":
-        features: FeatureSpec | None = _build("features", lambda: FeatureSpec(**{**ML100K_FEATURES, **overrides}))
+        features: FeatureSpec | None = _build("features", lambda: dataclasses.replace(ml100k_spec(), **overrides))
     elif d.format == "synthetic":
         features = _build("features", lambda: FeatureSpec(**overrides))
     else:

@@ -62,6 +62,9 @@ class FeatureSpec:
                     raise ValueError(f"FeatureSpec.counters: {key!r} names {part!r}, which is not a categorical or multi field")
             if len(key.split("*")) > 2:
                 raise ValueError(f"FeatureSpec.counters: {key!r} crosses more than two fields")
+        if self.counters and not {"user_id", "item_id"} <= set(self.counters):
+            raise ValueError(f"FeatureSpec.counters must include 'user_id' and 'item_id' (the residual "
+                             f"references), got {self.counters}")
         for key, alpha in self.recency:
             if key not in self.counters:
                 raise ValueError(f"FeatureSpec.recency: {key!r} is not one of the counters {self.counters}")
@@ -281,8 +284,6 @@ class Counters:
     DIM = 3
 
     def __init__(self, spec: FeatureSpec, ttl_events: int | None = None) -> None:
-        if spec.counters and not {"user_id", "item_id"} <= set(spec.counters):
-            raise ValueError("FeatureSpec.counters must include 'user_id' and 'item_id' (they are the residual references)")
         self.spec = spec
         self.keys = list(spec.counters)
         self.alphas = {k: [a for rk, a in spec.recency if rk == k] for k in self.keys}

@@ -45,7 +45,8 @@ def test_learn_generic_csv_writes_report_and_dead_letters(tmp_path: Path, capsys
 
 
 @pytest.mark.parametrize("sub, options", [
-    ("learn", ["--events", "--format", "--columns", "--config", "--report-dir", "--batch-size", "--max-events"]),
+    ("learn", ["--events", "--format", "--columns", "--config", "--report-dir", "--batch-size", "--max-events",
+               "--quiet"]),
     ("demo", ["--data", "--max-events", "--report-dir", "--quiet"]),
 ])
 def test_help_lists_every_option(sub: str, options: list[str], capsys) -> None:
@@ -69,6 +70,34 @@ def test_demo_with_missing_data_exits_2_naming_the_path(capsys) -> None:
     assert "/nonexistent/ml-100k" in capsys.readouterr().err
 
 
+def test_rerun_rewrites_dead_letters_with_row_numbers(tmp_path: Path) -> None:
+    src = tmp_path / "e.csv"
+    src.write_text("user_id,item_id,ts,label\n" + "".join(f"{i % 3},{i % 5},{i},{i % 2}\n" for i in range(40))
+                   + "1,2,99,7\n")
+    args = ["learn", "--events", str(src), "--format", "generic", "--report-dir", str(tmp_path / "r"), "--quiet"]
+    assert main(args) == 0 and main(args) == 0
+    dead = [json.loads(line) for line in (tmp_path / "r" / "dead-letter.jsonl").read_text().splitlines()]
+    assert dead == [{"user_id": "1", "item_id": "2", "ts": "99", "label": "7",
+                     "reason": "label is not 0 or 1", "row": 40}]
+    assert json.loads((tmp_path / "r" / "e.json").read_text())["dead_lettered"] == 1
+
+
+@pytest.mark.parametrize("name, text, expect", [
+    ("e.txt", "a,b\n1,2\n", "unknown file type"),
+    ("e.csv", "user_id,item_id,ts,label\n1,2,3,1\n1,2\n", "CSV parse error"),
+    ("e.csv", "uid,item,ts,label\n1,2,3,1\n", "missing column(s)"),  # forgot --columns: every row rejected
+])
+def test_unreadable_or_empty_events_exit_2_with_one_line(tmp_path: Path, capsys, name: str, text: str,
+                                                          expect: str) -> None:
+    (tmp_path / name).write_text(text)
+    code = main(["learn", "--events", str(tmp_path / name), "--format", "generic",
+                 "--report-dir", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("olrec: error:") and expect in err
+    assert str(tmp_path / name) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not ML100K.is_dir(), reason="MovieLens-100K not beside the repo")
 def test_demo_on_movielens(tmp_path: Path) -> None:
     assert main(["demo", "--data", str(ML100K), "--max-events", "20000", "--report-dir", str(tmp_path), "--quiet"]) == 0
