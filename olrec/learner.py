@@ -135,6 +135,14 @@ class OnlineLearner:
             at += len(k)
         return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), spans
 
+    def vectors(self, field: str, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), dim) embedding vectors of ``ids`` in ``field`` (e.g. user and
+        item vectors for retrieval); ids not admitted get the shared default row."""
+        if field not in self.spec.categorical:
+            raise ValueError(f"{field!r} is not a single-valued sparse field; have {self.spec.categorical}")
+        keys = tag_keys(np.asarray(ids, np.int64), self.spec.sparse_fields.index(field))
+        return self.table.gather(self.table.rows(keys))[:, : self.cfg.dim].copy()
+
     def rows_per_field(self) -> dict[str, int]:
         """Rows the table holds for each sparse field (the default row not counted)."""
         tags = np.bincount(self.table.held_keys() >> TAG_BITS, minlength=len(self.spec.sparse_fields))

@@ -120,3 +120,19 @@ def test_online_beats_frozen_on_movielens_second_half() -> None:
     online, frozen = res.after_split()
     assert frozen is not None and online.auc > frozen.auc + 0.05, (online.auc, frozen.auc)
     assert 0.9 < online.calibration < 1.1
+
+
+def test_user_and_item_vectors_for_retrieval() -> None:
+    """After learning, item vectors are the table's rows: distinct per item,
+    the default row for an unknown one, and what the model scores with."""
+    events = _events(2000)
+    learner = OnlineLearner(SPEC, LearnerConfig(batch_size=200, warmup_events=0, dim=8))
+    for start in range(0, 2000, 200):
+        learner.step(encode(events.slice(start, 200), SPEC))
+    items = learner.vectors("item_id", np.arange(20))
+    assert items.shape == (20, 8) and len({tuple(v) for v in items}) == 20
+    unknown = learner.vectors("item_id", np.array([10_000, 10_001]))
+    np.testing.assert_array_equal(unknown[0], unknown[1])
+    assert learner.vectors("user_id", np.arange(30)).shape == (30, 8)
+    with pytest.raises(ValueError, match="genres"):
+        learner.vectors("genres", np.arange(3))
