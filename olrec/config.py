@@ -5,7 +5,7 @@ Sections (every one optional; every key optional)::
 
     data:      path, format (ml100k | generic | synthetic), columns {old: new},
                max_events, synthetic {SyntheticConfig fields}
-    features:  categorical, multi, numeric, counters, recency [{key, alpha}],
+    features:  categorical, multi, numeric, counters, crosses, recency [{key, alpha}],
                prior_strength -- keys left out take the format's defaults:
                MovieLens defaults for ml100k, FeatureSpec.infer for generic
                data, FeatureSpec defaults for synthetic data
@@ -116,6 +116,7 @@ class FeaturesSchema(_Section):
     multi: tuple[Name, ...] | None = None
     numeric: tuple[Name, ...] | None = None
     counters: tuple[Name, ...] | None = None
+    crosses: tuple[Name, ...] | None = None
     recency: tuple[RecencySchema, ...] | None = None
     prior_strength: PosFloat | None = None
 
@@ -146,6 +147,10 @@ class LearnerSchema(_Section):
     expire_every: PosInt = _default(LearnerConfig, "expire_every")
     seed: SInt = _default(LearnerConfig, "seed")
     threads: PosInt = _default(LearnerConfig, "threads")
+    wide: SBool = _default(LearnerConfig, "wide")
+    wide_weight: Annotated[float, Field(ge=0, le=1)] = _default(LearnerConfig, "wide_weight")
+    wide_alpha: PosFloat = _default(LearnerConfig, "wide_alpha")
+    wide_l2: Annotated[float, Field(ge=0, allow_inf_nan=False)] = _default(LearnerConfig, "wide_l2")
 
 
 class ReportSchema(_Section):
@@ -231,7 +236,7 @@ class Config:
         if spec is not None:
             d["features"] = {
                 "categorical": list(spec.categorical), "multi": list(spec.multi), "numeric": list(spec.numeric),
-                "counters": list(spec.counters), "recency": [{"key": k, "alpha": a} for k, a in spec.recency],
+                "counters": list(spec.counters), "crosses": list(spec.crosses), "recency": [{"key": k, "alpha": a} for k, a in spec.recency],
                 "prior_strength": spec.prior_strength,
             }
         return d

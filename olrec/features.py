@@ -37,13 +37,16 @@ class FeatureSpec:
     numeric: tuple[str, ...] = ()
     counters: tuple[str, ...] = ("user_id", "item_id")
     prior_strength: float = 5.0  # pseudo-events pulling a rate towards the global rate
+    #: Crossed ids the wide (per-event) part learns a weight for, e.g.
+    #: ``"user_id*genres"`` (a user's taste per genre), ``"item_id*age"``.
+    crosses: tuple[str, ...] = ()
     #: (key, alpha) pairs: an exponentially weighted moving average of the key's
     #: labels (recent taste; MovieLens users rate in sessions). Keys must be counters.
     recency: tuple[tuple[str, float], ...] = (("user_id", 0.1), ("user_id", 0.3))
 
     def __post_init__(self) -> None:
         # Accept lists (from YAML/JSON) but store tuples: the spec stays hashable.
-        for name in ("categorical", "multi", "numeric", "counters"):
+        for name in ("categorical", "multi", "numeric", "counters", "crosses"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "recency", tuple((str(k), float(a)) for k, a in self.recency))
         for need in ("user_id", "item_id"):
@@ -56,12 +59,15 @@ class FeatureSpec:
             seen.add(name)
             if name in RESERVED and name not in ("user_id", "item_id"):
                 raise ValueError(f"FeatureSpec: {name!r} is not a feature column")
-        for key in self.counters:
-            for part in key.split("*"):
-                if part not in self.categorical and part not in self.multi:
-                    raise ValueError(f"FeatureSpec.counters: {key!r} names {part!r}, which is not a categorical or multi field")
-            if len(key.split("*")) > 2:
-                raise ValueError(f"FeatureSpec.counters: {key!r} crosses more than two fields")
+        for what in ("counters", "crosses"):
+            for key in getattr(self, what):
+                for part in key.split("*"):
+                    if part not in self.categorical and part not in self.multi:
+                        raise ValueError(f"FeatureSpec.{what}: {key!r} names {part!r}, which is not a categorical or multi field")
+                if len(key.split("*")) > 2:
+                    raise ValueError(f"FeatureSpec.{what}: {key!r} crosses more than two fields")
+        if len(self.crosses) + len(self.categorical) + len(self.multi) > 127:
+            raise ValueError("FeatureSpec: at most 127 sparse fields and crosses")
         if self.counters and not {"user_id", "item_id"} <= set(self.counters):
             raise ValueError(f"FeatureSpec.counters must include 'user_id' and 'item_id' (the residual "
                              f"references), got {self.counters}")
@@ -97,7 +103,8 @@ class FeatureSpec:
             elif pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type):
                 num.append(f.name)
         counters = ["user_id", "item_id", *(f"user_id*{m}" for m in multi)]
-        args = dict(categorical=tuple(cat), multi=tuple(multi), numeric=tuple(num), counters=tuple(counters))
+        args = dict(categorical=tuple(cat), multi=tuple(multi), numeric=tuple(num), counters=tuple(counters),
+                    crosses=tuple(f"user_id*{m}" for m in multi))
         args.update(overrides)
         return cls(**args)
 
@@ -353,25 +360,38 @@ class Counters:
             out[:, 3 * j + 2] = np.bincount(ev[sp], state[sp, 2], minlength=n) / (cnt[key] + a)
         delta = [g.total(np.stack([np.ones(len(k)), y[ev], resid], 1))]
         if self.n_avg:
-            # Each position takes its key's alphas (unused columns get 0.5 and are never read).
-            alphas = np.full((len(k), self.n_avg), 0.5)
-            for key, sp in zip(self.keys, spans):
-                if self.alphas[key]:
-                    alphas[sp, : len(self.alphas[key])] = self.alphas[key]
-            stored_avg = stored[:, self.DIM :]
+            # Moving averages only over the keys that have them (often the user alone).
+            with_avg = [(key, sp) for key, sp in zip(self.keys, spans) if self.alphas[key]]
+            sub = np.concatenate([np.arange(sp.start, sp.stop) for _, sp in with_avg])
+            g2 = Groups(k[sub])
+            at_u = np.searchsorted(g.uniq, g2.uniq)  # g2's keys among g's (both sorted)
+            alphas = np.full((len(sub), self.n_avg), 0.5)  # unused columns get 0.5, never read
+            pos, sub_spans = 0, []
+            for key, sp in with_avg:
+                m = sp.stop - sp.start
+                alphas[pos : pos + m, : len(self.alphas[key])] = self.alphas[key]
+                sub_spans.append((key, slice(pos, pos + m)))
+                pos += m
+            stored_avg = stored[at_u, self.DIM :]
             # A key never seen starts its averages at the global rate.
-            start = np.where((rows > 0)[:, None], stored_avg, prior[0] if n else 0.5)
+            start = np.where((rows[at_u] > 0)[:, None], stored_avg, prior[0] if n else 0.5)
             if online:
-                before, after = g.ewma(y[ev], start, alphas)
+                before, after = g2.ewma(y[ev[sub]], start, alphas)
             else:
-                before, after = start[g.inverse], start
+                before, after = start[g2.inverse], start
             col = self.DIM * len(self.keys)
-            for key, sp in zip(self.keys, spans):
-                counts = np.maximum(np.bincount(ev[sp], minlength=n), 1)
-                for i in range(len(self.alphas[key])):
-                    out[:, col] = np.bincount(ev[sp], before[sp, i], minlength=n) / counts
-                    col += 1
-            delta.append(after - stored_avg)
+            cols = {}
+            for key, sp in sub_spans:
+                e = ev[sub][sp]
+                counts = np.maximum(np.bincount(e, minlength=n), 1)
+                for i, alpha in enumerate(self.alphas[key]):
+                    cols[(key, alpha)] = np.bincount(e, before[sp, i], minlength=n) / counts
+            for key, alpha in self.spec.recency:
+                out[:, col] = cols[(key, alpha)]
+                col += 1
+            avg_delta = np.zeros((len(g.uniq), self.n_avg))
+            avg_delta[at_u] = after - stored_avg
+            delta.append(avg_delta)
         out[:, -1] = _logit(prior)
         return out, (g.uniq, rows, np.concatenate(delta, 1).astype(np.float32))
 
@@ -402,4 +422,5 @@ def ml100k_spec() -> FeatureSpec:
         multi=("genres",),
         numeric=("year",),
         counters=("user_id", "item_id", "user_id*genres"),
+        crosses=("user_id*genres", "item_id*age", "item_id*gender", "item_id*occupation"),
     )

@@ -41,6 +41,20 @@ def tag_keys(keys: np.ndarray, tag: int) -> np.ndarray:
     return (np.asarray(keys, np.int64) & _LOW) | np.int64(tag << TAG_BITS)
 
 
+def unique_small(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` for integers in [0, bound): a
+    mark-and-rank pass instead of a sort while ``bound`` is not much larger
+    than the input (row indices of a table, say)."""
+    if bound > 64 * len(values):
+        return np.unique(values, return_inverse=True)
+    seen = np.zeros(bound, bool)
+    seen[values] = True
+    uniq = np.flatnonzero(seen)
+    rank = np.empty(bound, np.int64)
+    rank[uniq] = np.arange(len(uniq))
+    return uniq, rank[values]
+
+
 class IdMap:
     """int64 key → row index in [0, size), assigned in first-seen order."""
 

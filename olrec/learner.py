@@ -19,13 +19,14 @@ import torch.nn.functional as F
 
 from .embedding import EmbeddingTable, TableConfig
 from .features import Batch, Counters, FeatureSpec
-from .ids import TAG_BITS, tag_keys
+from .ids import TAG_BITS, tag_keys, unique_small
+from .wide import FTRL, Wide
 from .model import Arch, DenseTower
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    batch_size: int = 2048
+    batch_size: int = 4096
     #: Batches start at ``warmup_batch_size`` and grow to ``batch_size`` over the
     #: first ``warmup_events``: a young model gains most from many small steps,
     #: a mature one from the speed of large batches.
@@ -41,6 +42,12 @@ class LearnerConfig:
     admit_after: int = 1
     ttl_events: int | None = None
     expire_every: int = 100  # batches between expiry sweeps
+    #: The wide part: a per-event FTRL logistic regression (see olrec.wide) whose
+    #: probability is averaged with the deep part's. False: the deep part alone.
+    wide: bool = True
+    wide_weight: float = 0.7  # its initial weight in the blend; the blend is learned online
+    wide_alpha: float = 0.15
+    wide_l2: float = 1.0
     seed: int = 0
     threads: int = 1  # torch intra-op threads; small batches run fastest on one
 
@@ -55,9 +62,13 @@ class LearnerConfig:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
         if self.arch not in ("deepfm", "dcn"):
             raise ValueError(f"arch must be 'deepfm' or 'dcn', got {self.arch!r}")
+        if not 0 <= self.wide_weight <= 1:
+            raise ValueError(f"wide_weight must be in [0, 1], got {self.wide_weight}")
+        if self.wide_l2 < 0:
+            raise ValueError(f"wide_l2 must be >= 0, got {self.wide_l2}")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden layer sizes must be >= 1, got {self.hidden}")
-        for name in ("sparse_lr", "dense_lr"):
+        for name in ("sparse_lr", "dense_lr", "wide_alpha"):
             v = getattr(self, name)
             if not (v > 0 and np.isfinite(v)):
                 raise ValueError(f"{name} must be a positive number, got {v}")
@@ -69,20 +80,6 @@ class StepResult:
     label: np.ndarray
     loss: float
     numeric: np.ndarray  # (B, spec.n_numeric) the dense tower's raw numeric input: context numerics, counter features
-
-
-def _unique_rows(rows: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """np.unique(rows, return_inverse=True) for row indices below ``n_rows``:
-    a mark-and-rank pass instead of a sort while the table is not much larger
-    than the batch."""
-    if n_rows > 64 * len(rows):
-        return np.unique(rows, return_inverse=True)
-    seen = np.zeros(n_rows, bool)
-    seen[rows] = True
-    uniq = np.flatnonzero(seen)
-    rank = np.empty(n_rows, np.int64)
-    rank[uniq] = np.arange(len(uniq))
-    return uniq, rank[rows]
 
 
 class OnlineLearner:
@@ -100,6 +97,15 @@ class OnlineLearner:
                                 arch=cfg.arch, hidden=cfg.hidden, prior=self._prior_weights())
         # fused: one kernel for all parameters, a third of the per-step cost on CPU
         self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.dense_lr, fused=True)
+        self.wide = Wide(spec, spec.n_numeric, FTRL(alpha=cfg.wide_alpha, l2=cfg.wide_l2)) if cfg.wide else None
+        # The blend of the deep and wide logits is itself learned online (a
+        # stacked logistic regression): a stream that rewards per-event ids
+        # leans on the wide part, a latent-factor world on the deep one.
+        self.blend = torch.nn.Linear(2, 1)
+        with torch.no_grad():
+            self.blend.weight.copy_(torch.tensor([[1 - cfg.wide_weight, cfg.wide_weight]]))
+            self.blend.bias.zero_()
+        self.blend_opt = torch.optim.Adam(self.blend.parameters(), lr=0.05)
         self.events = 0
         self.batches = 0
 
@@ -143,6 +149,16 @@ class OnlineLearner:
         keys = tag_keys(np.asarray(ids, np.int64), self.spec.sparse_fields.index(field))
         return self.table.gather(self.table.rows(keys))[:, : self.cfg.dim].copy()
 
+    @staticmethod
+    def _blend_inputs(deep_logit: torch.Tensor, p_wide: np.ndarray) -> torch.Tensor:
+        p = np.clip(p_wide, 1e-6, 1 - 1e-6)
+        return torch.stack([deep_logit, torch.from_numpy(np.log(p / (1 - p)).astype(np.float32))], 1)
+
+    @torch.no_grad()
+    def _wide_inputs(self, num: torch.Tensor) -> np.ndarray:
+        """The wide part's numeric inputs: the deep part's standardisation of them."""
+        return self.model.norm(num).numpy().astype(np.float64)
+
     def rows_per_field(self) -> dict[str, int]:
         """Rows the table holds for each sparse field (the default row not counted)."""
         tags = np.bincount(self.table.held_keys() >> TAG_BITS, minlength=len(self.spec.sparse_fields))
@@ -151,7 +167,7 @@ class OnlineLearner:
     def _pool(self, batch: Batch, rows: np.ndarray, spans: list[slice], grad: bool
               ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """(B, F, D+1) pooled rows, the unique rows pulled, and their leaf tensor (receives gradients)."""
-        uniq, inv = _unique_rows(rows, self.table.size)
+        uniq, inv = unique_small(rows, self.table.size)
         w = torch.from_numpy(self.table.gather(uniq))
         w.requires_grad_(grad)
         idx = torch.from_numpy(inv.astype(np.int64))
@@ -192,14 +208,23 @@ class OnlineLearner:
         loss.backward()
         self.opt.step()
         self.table.apply_gradients(uniq, w.grad.numpy(), unique=True)
+        pred = torch.sigmoid(logit).detach().numpy()
+        if self.wide is not None:
+            p_wide = self.wide.step(batch, self._wide_inputs(num), t_last, self.events)
+            both = self._blend_inputs(logit.detach(), p_wide)
+            blended = self.blend(both).squeeze(1)
+            pred = torch.sigmoid(blended).detach().numpy()
+            self.blend_opt.zero_grad(set_to_none=True)
+            F.binary_cross_entropy_with_logits(blended, y, weight=torch.from_numpy(batch.weight)).backward()
+            self.blend_opt.step()
         self.model.norm.update(num, slice(n_ctx, None))
         self.counters.update(batch, updates)
         self.events += len(batch)
         self.batches += 1
         if self.cfg.ttl_events is not None and self.batches % self.cfg.expire_every == 0:
-            for t in (self.table, self.counters.table):
+            for t in (self.table, self.counters.table, *([self.wide.table] if self.wide else [])):
                 t.expire(t_last, self.events)
-        return StepResult(torch.sigmoid(logit).detach().numpy(), batch.label, float(loss.detach()), num.numpy())
+        return StepResult(pred.astype(np.float32), batch.label, float(loss.detach()), num.numpy())
 
     @torch.no_grad()
     def predict(self, batch: Batch, online: bool = False) -> np.ndarray:
@@ -210,7 +235,10 @@ class OnlineLearner:
         num, _ = self._numeric(batch, online=online)
         keys, spans = self.field_keys(batch)
         emb, _, _ = self._pool(batch, self.table.rows(keys), spans, grad=False)
-        return torch.sigmoid(self.model(emb, num)).numpy()
+        logit = self.model(emb, num)
+        if self.wide is not None:
+            logit = self.blend(self._blend_inputs(logit, self.wide.predict(batch, self._wide_inputs(num)))).squeeze(1)
+        return torch.sigmoid(logit).numpy()
 
     def frozen_copy(self) -> "OnlineLearner":
         """An independent copy of all state: rows, counters, dense weights, statistics."""

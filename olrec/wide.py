@@ -1,0 +1,136 @@
+"""The wide part: a logistic regression learned per event by FTRL-Proximal
+(McMahan et al. 2013), over the numeric inputs, one-hot ids and crossed ids.
+
+The deep part (:mod:`olrec.model`) learns once per micro-batch; this part
+learns after every single event, the earlier events of its own batch included,
+which is what online learning on bursty streams rewards. Its per-id state
+(FTRL's ``z`` and ``n``) is rows of an :class:`~olrec.embedding.EmbeddingTable`,
+pulled and pushed once per batch like embeddings; the numeric weights are
+dense state. The loop over events is compiled with numba.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from .embedding import EmbeddingTable, TableConfig
+from .features import Batch, FeatureSpec, counter_keys
+from .ids import tag_keys, unique_small
+
+
+@dataclass(frozen=True)
+class FTRL:
+    alpha: float = 0.1
+    beta: float = 1.0
+    l1: float = 0.0
+    l2: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"FTRL.{name} must be positive, got {getattr(self, name)}")
+        for name in ("l1", "l2"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"FTRL.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@numba.njit(cache=False, nogil=True)
+def _weight(z: float, n: float, alpha: float, beta: float, l1: float, l2: float) -> float:
+    if abs(z) <= l1:
+        return 0.0
+    sign = 1.0 if z > 0 else -1.0
+    return -(z - sign * l1) / ((beta + np.sqrt(n)) / alpha + l2)
+
+
+@numba.njit(cache=False, nogil=True)
+def _ftrl_pass(ptr, idx, x, y, zn, zn_dense, alpha, beta, l1, l2, learn, out):
+    """Per event: predict from the current weights, then (if ``learn``) update them.
+    ``idx[ptr[j]:ptr[j+1]]`` are event j's rows in ``zn``; ``x`` its numeric inputs
+    (the last dense weight is the bias)."""
+    b, m = x.shape
+    for j in range(b):
+        s = _weight(zn_dense[m, 0], zn_dense[m, 1], alpha, beta, l1, l2)
+        for k in range(m):
+            s += _weight(zn_dense[k, 0], zn_dense[k, 1], alpha, beta, l1, l2) * x[j, k]
+        for t in range(ptr[j], ptr[j + 1]):
+            i = idx[t]
+            s += _weight(zn[i, 0], zn[i, 1], alpha, beta, l1, l2)
+        s = min(max(s, -35.0), 35.0)
+        p = 1.0 / (1.0 + np.exp(-s))
+        out[j] = p
+        if not learn:
+            continue
+        g = p - y[j]
+        for k in range(m + 1):
+            gk = g * (x[j, k] if k < m else 1.0)
+            z, n = zn_dense[k, 0], zn_dense[k, 1]
+            sigma = (np.sqrt(n + gk * gk) - np.sqrt(n)) / alpha
+            zn_dense[k, 0] = z + gk - sigma * _weight(z, n, alpha, beta, l1, l2)
+            zn_dense[k, 1] = n + gk * gk
+        for t in range(ptr[j], ptr[j + 1]):
+            i = idx[t]
+            z, n = zn[i, 0], zn[i, 1]
+            sigma = (np.sqrt(n + g * g) - np.sqrt(n)) / alpha
+            zn[i, 0] = z + g - sigma * _weight(z, n, alpha, beta, l1, l2)
+            zn[i, 1] = n + g * g
+
+
+class Wide:
+    """Per-event FTRL over ``n_numeric`` inputs, every sparse field's ids and ``spec.crosses``."""
+
+    def __init__(self, spec: FeatureSpec, n_numeric: int, ftrl: FTRL = FTRL()) -> None:
+        self.spec, self.ftrl = spec, ftrl
+        self.table = EmbeddingTable(TableConfig(name="wide", dim=2, optimizer="none", init_std=0.0))
+        self.dense = np.zeros((n_numeric + 1, 2))  # (z, n) per numeric input, then the bias
+        # Compile now (start-up), not inside the first batch.
+        self._pass(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, n_numeric)), np.zeros(0),
+                   np.zeros((1, 2)), self.dense.copy(), learn=True)
+
+    def keys(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """Every event's one-hot keys (tagged: fields, then crosses), flat in event
+        order, with ``ptr`` so that event j's are ``keys[ptr[j]:ptr[j+1]]``."""
+        ks, evs = [], []
+        n_fields = len(self.spec.sparse_fields)
+        for tag, name in enumerate((*self.spec.sparse_fields, *self.spec.crosses)):
+            k, ev = counter_keys(batch, name) if tag >= n_fields else _field_keys(batch, name)
+            ks.append(tag_keys(k, tag))
+            evs.append(ev)
+        k, ev = np.concatenate(ks), np.concatenate(evs)
+        # Small event indices sort by radix (linear time) when they fit 16 bits.
+        order = np.argsort(ev.astype(np.uint16) if len(batch) < 1 << 16 else ev, kind="stable")
+        ptr = np.concatenate(([0], np.cumsum(np.bincount(ev, minlength=len(batch))))).astype(np.int64)
+        return k[order], ptr
+
+    def _pass(self, ptr, idx, x, y, zn, dense, learn: bool) -> np.ndarray:
+        f = self.ftrl
+        out = np.empty(len(ptr) - 1)
+        _ftrl_pass(ptr, idx, np.ascontiguousarray(x, np.float64), np.ascontiguousarray(y, np.float64),
+                   zn, dense, f.alpha, f.beta, f.l1, f.l2, learn, out)
+        return out
+
+    def step(self, batch: Batch, x: np.ndarray, ts: float = 0.0, event: int = 0) -> np.ndarray:
+        """Progressive probabilities for the batch, each event scored before it is learned."""
+        keys, ptr = self.keys(batch)
+        rows = self.table.observe(keys, ts, event)
+        uniq, inv = unique_small(rows, self.table.size)
+        zn = self.table.gather(uniq).astype(np.float64)
+        before = zn.copy()
+        p = self._pass(ptr, inv.astype(np.int64), x, batch.label, zn, self.dense, learn=True)
+        self.table.add(uniq, (zn - before).astype(np.float32), unique=True)
+        return p
+
+    def predict(self, batch: Batch, x: np.ndarray) -> np.ndarray:
+        keys, ptr = self.keys(batch)
+        uniq, inv = unique_small(self.table.rows(keys), self.table.size)
+        zn = self.table.gather(uniq).astype(np.float64)
+        return self._pass(ptr, inv.astype(np.int64), x, batch.label, zn, self.dense.copy(), learn=False)
+
+
+def _field_keys(batch: Batch, field: str) -> tuple[np.ndarray, np.ndarray]:
+    if field in batch.keys:
+        return batch.keys[field], np.arange(len(batch))
+    flat, lengths = batch.multi[field]
+    return flat, np.repeat(np.arange(len(batch)), lengths)
