@@ -33,8 +33,8 @@ class LearnerConfig:
     warmup_batch_size: int = 64
     warmup_events: int = 20_000
     dim: int = 4
-    arch: Arch = "dcn"
-    hidden: tuple[int, ...] = (64, 32)
+    arch: Arch = "deepfm"
+    hidden: tuple[int, ...] = (32,)
     sparse_optimizer: str = "adagrad"
     sparse_lr: float = 0.05
     init_std: float = 0.01  # initial embedding rows ~ N(0, init_std)

@@ -27,7 +27,7 @@ def test_defaults_for_ml100k_are_the_movielens_spec() -> None:
 
 def test_the_example_job_config_loads() -> None:
     cfg = load_config(REPO / "cluster" / "jobs" / "ml100k.yaml")
-    assert cfg.learner.batch_size == 4096 and cfg.learner.arch == "dcn"
+    assert cfg.learner.batch_size == 4096 and cfg.learner.arch == "deepfm"
 
 
 @pytest.mark.parametrize("raw, where", [
