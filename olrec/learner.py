@@ -28,10 +28,11 @@ from .model import Arch, DenseTower
 class LearnerConfig:
     batch_size: int = 4096
     #: Batches start at ``warmup_batch_size`` and grow to ``batch_size`` over the
-    #: first ``warmup_events``: a young model gains most from many small steps,
-    #: a mature one from the speed of large batches.
+    #: first ``warmup_events``: a young deep part gains from many small steps
+    #: (+0.006 AUC on MovieLens-100K without the wide part), but the per-event
+    #: wide part makes it worth only +0.001 there, for 10% of the speed: off by default.
     warmup_batch_size: int = 64
-    warmup_events: int = 20_000
+    warmup_events: int = 0
     dim: int = 4
     arch: Arch = "deepfm"
     hidden: tuple[int, ...] = (32,)
