@@ -98,7 +98,8 @@ class OnlineLearner:
                                 arch=cfg.arch, hidden=cfg.hidden, prior=self._prior_weights())
         # fused: one kernel for all parameters, a third of the per-step cost on CPU
         self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.dense_lr, fused=True)
-        self.wide = Wide(spec, spec.n_numeric, FTRL(alpha=cfg.wide_alpha, l2=cfg.wide_l2)) if cfg.wide else None
+        self.wide = (Wide(spec, spec.n_numeric, FTRL(alpha=cfg.wide_alpha, l2=cfg.wide_l2), ttl_events=cfg.ttl_events)
+                     if cfg.wide else None)
         # The blend of the deep and wide logits is itself learned online (a
         # stacked logistic regression): a stream that rewards per-event ids
         # leans on the wide part, a latent-factor world on the deep one.

@@ -81,9 +81,10 @@ def _ftrl_pass(ptr, idx, x, y, zn, zn_dense, alpha, beta, l1, l2, learn, out):
 class Wide:
     """Per-event FTRL over ``n_numeric`` inputs, every sparse field's ids and ``spec.crosses``."""
 
-    def __init__(self, spec: FeatureSpec, n_numeric: int, ftrl: FTRL = FTRL()) -> None:
+    def __init__(self, spec: FeatureSpec, n_numeric: int, ftrl: FTRL = FTRL(), ttl_events: int | None = None) -> None:
         self.spec, self.ftrl = spec, ftrl
-        self.table = EmbeddingTable(TableConfig(name="wide", dim=2, optimizer="none", init_std=0.0))
+        self.table = EmbeddingTable(TableConfig(name="wide", dim=2, optimizer="none", init_std=0.0,
+                                                ttl_events=ttl_events))
         self.dense = np.zeros((n_numeric + 1, 2))  # (z, n) per numeric input, then the bias
         # Compile now (start-up), not inside the first batch.
         self._pass(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, n_numeric)), np.zeros(0),
