@@ -1,0 +1,197 @@
+"""The parameter server: embedding tables sharded over processes.
+
+A :class:`Shard` holds, for every table it serves, the rows of the ids that
+hash to it (each an :class:`~olrec.embedding.EmbeddingTable`: collisionless,
+admission, expiry, sparse optimizer, row versions). :class:`ShardedTables` is
+the client a trainer or a serving replica uses: it splits a batch's keys by a
+stable hash, makes one call per shard (in parallel for remote shards) and puts
+the answers back in the batch's order. :class:`LocalShard` runs in the
+caller's process; :func:`ray_shards` starts Ray actors around it, so the same
+client drives one process or a cluster. What crosses the wire is numpy
+arrays: keys, weights, gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from .embedding import EmbeddingTable, TableConfig
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def shard_of(keys: np.ndarray, n_shards: int) -> np.ndarray:
+    """Stable shard index of each key: a multiplicative hash's high bits, so
+    sequential ids spread evenly; the same key always lands on the same shard."""
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    h = np.asarray(keys, np.int64).astype(np.uint64) * _MIX
+    return ((h >> np.uint64(32)) % np.uint64(n_shards)).astype(np.int64)
+
+
+class Shard(Protocol):
+    """One shard's API: batched, numpy in and out, one call per training batch."""
+
+    def pull(self, table: str, keys: np.ndarray, observe: bool = False,
+             ts: float = 0.0, event: int = 0) -> np.ndarray: ...
+
+    def push_gradients(self, table: str, keys: np.ndarray, grads: np.ndarray) -> None: ...
+
+    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray) -> None: ...
+
+    def deltas(self, table: str, since_version: int) -> tuple[np.ndarray, np.ndarray, int]: ...
+
+    def snapshot(self, path: str) -> None: ...
+
+    def restore(self, path: str) -> None: ...
+
+    def stats(self) -> dict[str, dict[str, Any]]: ...
+
+
+class LocalShard:
+    """A shard in this process: one :class:`EmbeddingTable` per table name.
+    ``index`` is the shard's place among its peers (it seeds the initial rows)."""
+
+    def __init__(self, tables: Sequence[TableConfig], index: int = 0) -> None:
+        names = [t.name for t in tables]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate table name(s) {sorted(dup)}")
+        # Each shard draws its initial rows from its own stream.
+        self.tables = {t.name: EmbeddingTable(replace(t, seed=t.seed + 7919 * index)) for t in tables}
+
+    def _table(self, name: str) -> EmbeddingTable:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise KeyError(f"no table {name!r} on this shard; have {sorted(self.tables)}") from None
+
+    def pull(self, table: str, keys: np.ndarray, observe: bool = False, ts: float = 0.0, event: int = 0) -> np.ndarray:
+        """Weights of ``keys`` (the default row for ids not admitted). ``observe``
+        counts the sighting (admission, last-seen clocks) as training does;
+        serving and frozen scoring pull without it."""
+        t = self._table(table)
+        rows = t.observe(keys, ts, event) if observe else t.rows(keys)
+        return t.gather(rows)
+
+    def push_gradients(self, table: str, keys: np.ndarray, grads: np.ndarray) -> None:
+        """One optimizer step (gradients of duplicate keys and of ids sharing the default row are summed)."""
+        t = self._table(table)
+        t.apply_gradients(t.rows(keys), grads)
+
+    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray) -> None:
+        """Add to the rows (counter tables); unseen keys are admitted first."""
+        t = self._table(table)
+        t.add(t.observe(keys), deltas)
+
+    def deltas(self, table: str, since_version: int) -> tuple[np.ndarray, np.ndarray, int]:
+        return self._table(table).deltas(since_version)
+
+    def snapshot(self, path: str) -> None:
+        """Write every table to ``path`` atomically (temp file, fsync, rename)."""
+        state = {name: t.state_dict() for name, t in self.tables.items()}
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def restore(self, path: str) -> None:
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+        if set(state) != set(self.tables):
+            raise ValueError(f"snapshot {path} holds tables {sorted(state)}, this shard serves {sorted(self.tables)}")
+        self.tables = {name: EmbeddingTable.from_state_dict(s) for name, s in state.items()}
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {name: asdict(t.stats()) for name, t in self.tables.items()}
+
+
+@dataclass
+class ShardedTables:
+    """The client: keys split by :func:`shard_of`, one call per shard per batch.
+
+    ``shards`` are :class:`LocalShard` objects or Ray actor handles around
+    them (see :func:`ray_shards`); remote calls run in parallel.
+    """
+
+    shards: list
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("ShardedTables needs at least one shard")
+        self._remote = hasattr(self.shards[0].pull, "remote")
+
+    def _call(self, method: str, per_shard: Mapping[int, tuple]) -> dict[int, Any]:
+        if self._remote:
+            import ray
+
+            futures = {i: getattr(self.shards[i], method).remote(*args) for i, args in per_shard.items()}
+            return dict(zip(futures, ray.get(list(futures.values()))))
+        return {i: getattr(self.shards[i], method)(*args) for i, args in per_shard.items()}
+
+    def _split(self, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        owner = shard_of(keys, len(self.shards))
+        return [(i, np.flatnonzero(owner == i)) for i in range(len(self.shards)) if (owner == i).any()]
+
+    def pull(self, table: str, keys: np.ndarray, observe: bool = False, ts: float = 0.0, event: int = 0) -> np.ndarray:
+        keys = np.asarray(keys, np.int64)
+        parts = self._split(keys)
+        got = self._call("pull", {i: (table, keys[idx], observe, ts, event) for i, idx in parts})
+        if not parts:
+            return np.zeros((0, 0), np.float32)
+        out = np.empty((len(keys), got[parts[0][0]].shape[1]), np.float32)
+        for i, idx in parts:
+            out[idx] = got[i]
+        return out
+
+    def push_gradients(self, table: str, keys: np.ndarray, grads: np.ndarray) -> None:
+        keys = np.asarray(keys, np.int64)
+        self._call("push_gradients", {i: (table, keys[idx], grads[idx]) for i, idx in self._split(keys)})
+
+    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray) -> None:
+        keys = np.asarray(keys, np.int64)
+        self._call("push_deltas", {i: (table, keys[idx], deltas[idx]) for i, idx in self._split(keys)})
+
+    def deltas(self, table: str, since: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Rows changed after each shard's version in ``since`` (one per shard);
+        returns keys, weights and the shards' new versions (pass them next time)."""
+        got = self._call("deltas", {i: (table, int(v)) for i, v in enumerate(since)})
+        keys = np.concatenate([got[i][0] for i in range(len(self.shards))])
+        weights = np.concatenate([got[i][1] for i in range(len(self.shards))])
+        return keys, weights, [got[i][2] for i in range(len(self.shards))]
+
+    def snapshot(self, directory: str) -> list[str]:
+        paths = [str(Path(directory) / f"shard-{i:04d}.pkl") for i in range(len(self.shards))]
+        self._call("snapshot", {i: (p,) for i, p in enumerate(paths)})
+        return paths
+
+    def restore(self, directory: str) -> None:
+        self._call("restore", {i: (str(Path(directory) / f"shard-{i:04d}.pkl"),) for i in range(len(self.shards))})
+
+    def stats(self) -> list[dict[str, dict[str, Any]]]:
+        got = self._call("stats", {i: () for i in range(len(self.shards))})
+        return [got[i] for i in range(len(self.shards))]
+
+
+def ray_shards(tables: Sequence[TableConfig], n_shards: int, num_cpus: float = 0.25) -> list:
+    """``n_shards`` Ray actors, each a :class:`LocalShard` of ``tables``
+    (fractional CPUs: a shard mostly waits for calls)."""
+    import ray
+
+    actor = ray.remote(num_cpus=num_cpus)(LocalShard)
+    return [actor.remote(list(tables), i) for i in range(n_shards)]
