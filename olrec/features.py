@@ -246,8 +246,9 @@ class Groups:
 
 
 def counter_keys(batch: Batch, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Keys of one counter, flat, with the event index of each (crosses with a
-    multi field give several keys per event)."""
+    """Keys of one field or cross (``"user_id*genres"``), flat, with the event
+    index of each (a multi field, or a cross with one, gives several keys per
+    event; a value repeated within an event counts once)."""
     parts = key.split("*")
     idx = np.arange(len(batch))
 

@@ -4,7 +4,9 @@ Per batch: counter features from strictly earlier events; rows pulled for the
 batch's unique ids (admission happens here: it depends on id counts, never on
 labels); one forward pass whose detached output is the batch's progressive
 prediction; backward; a sparse optimizer step on the pulled rows and an Adam
-step on the dense tower; then counters and numeric statistics learn the batch.
+step on the dense tower; the wide part (per-event FTRL) scores and learns each
+event in turn; an online stacker blends the two; then counters and numeric
+statistics learn the batch.
 The parameter-server path (Ray) does the same with pull/push over shards.
 """
 

@@ -94,9 +94,8 @@ class Wide:
         """Every event's one-hot keys (tagged: fields, then crosses), flat in event
         order, with ``ptr`` so that event j's are ``keys[ptr[j]:ptr[j+1]]``."""
         ks, evs = [], []
-        n_fields = len(self.spec.sparse_fields)
         for tag, name in enumerate((*self.spec.sparse_fields, *self.spec.crosses)):
-            k, ev = counter_keys(batch, name) if tag >= n_fields else _field_keys(batch, name)
+            k, ev = counter_keys(batch, name)  # a field's ids, or a cross's
             ks.append(tag_keys(k, tag))
             evs.append(ev)
         k, ev = np.concatenate(ks), np.concatenate(evs)
@@ -128,10 +127,3 @@ class Wide:
         uniq, inv = unique_small(self.table.rows(keys), self.table.size)
         zn = self.table.gather(uniq).astype(np.float64)
         return self._pass(ptr, inv.astype(np.int64), x, batch.label, zn, self.dense.copy(), learn=False)
-
-
-def _field_keys(batch: Batch, field: str) -> tuple[np.ndarray, np.ndarray]:
-    if field in batch.keys:
-        return batch.keys[field], np.arange(len(batch))
-    flat, lengths = batch.multi[field]
-    return flat, np.repeat(np.arange(len(batch)), lengths)
