@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Sequence
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -278,6 +280,22 @@ def counter_keys(batch: Batch, key: str) -> tuple[np.ndarray, np.ndarray]:
     return k, ev
 
 
+def tagged_keys(batch: Batch, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[slice]]:
+    """The :func:`counter_keys` of each field or cross in ``names``, tagged by
+    its index (:func:`olrec.ids.tag_keys`) and concatenated: keys, event index
+    of each, and each name's slice."""
+    ks, evs, spans, at = [], [], [], 0
+    for tag, name in enumerate(names):
+        k, ev = counter_keys(batch, name)
+        ks.append(tag_keys(k, tag))
+        evs.append(ev)
+        spans.append(slice(at, at + len(k)))
+        at += len(k)
+    if not ks:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), spans
+    return np.concatenate(ks), np.concatenate(evs), spans
+
+
 class Counters:
     """Label counters per key, kept in one embedding table (a key's index
     tags its ids, as sparse fields do): count, positives, the residual sum of
@@ -327,15 +345,7 @@ class Counters:
 
         # Every key's ids in one array, tagged by the key's index: one sort,
         # one lookup, one scan for all counters.
-        ks, evs, spans, at = [], [], [], 0
-        for j, key in enumerate(self.keys):
-            k, ev = counter_keys(batch, key)
-            ks.append(tag_keys(k, j))
-            evs.append(ev)
-            spans.append(slice(at, at + len(k)))
-            at += len(k)
-        k = np.concatenate(ks) if ks else np.zeros(0, np.int64)
-        ev = np.concatenate(evs) if evs else np.zeros(0, np.int64)
+        k, ev, spans = tagged_keys(batch, self.keys)
         g = Groups(k)
         rows = self.table.rows(g.uniq)
         stored = self.table.gather(rows).astype(np.float64)

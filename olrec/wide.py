@@ -17,8 +17,8 @@ import numba
 import numpy as np
 
 from .embedding import EmbeddingTable, TableConfig
-from .features import Batch, FeatureSpec, counter_keys
-from .ids import tag_keys, unique_small
+from .features import Batch, FeatureSpec, tagged_keys
+from .ids import unique_small
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,7 @@ class Wide:
     def keys(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         """Every event's one-hot keys (tagged: fields, then crosses), flat in event
         order, with ``ptr`` so that event j's are ``keys[ptr[j]:ptr[j+1]]``."""
-        ks, evs = [], []
-        for tag, name in enumerate((*self.spec.sparse_fields, *self.spec.crosses)):
-            k, ev = counter_keys(batch, name)  # a field's ids, or a cross's
-            ks.append(tag_keys(k, tag))
-            evs.append(ev)
-        k, ev = np.concatenate(ks), np.concatenate(evs)
+        k, ev, _ = tagged_keys(batch, (*self.spec.sparse_fields, *self.spec.crosses))
         # Small event indices sort by radix (linear time) when they fit 16 bits.
         order = np.argsort(ev.astype(np.uint16) if len(batch) < 1 << 16 else ev, kind="stable")
         ptr = np.concatenate(([0], np.cumsum(np.bincount(ev, minlength=len(batch))))).astype(np.int64)
