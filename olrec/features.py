@@ -12,7 +12,6 @@ never enters its features.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Sequence
 
 import numpy as np

@@ -113,6 +113,10 @@ class OnlineLearner:
         self.events = 0
         self.batches = 0
 
+    def tables(self) -> list[EmbeddingTable]:
+        """Every per-id table the learner keeps: sparse rows, counters, the wide part's state."""
+        return [self.table, self.counters.table, *([self.wide.table] if self.wide else [])]
+
     def numeric_names(self) -> list[str]:
         """Names of the columns of :attr:`StepResult.numeric`."""
         return [*self.spec.numeric, *self.counters.feature_names()]
@@ -120,12 +124,11 @@ class OnlineLearner:
     def _prior_weights(self) -> torch.Tensor:
         """Initial weights of the model's prior read: logit(user rate) + logit(item rate) - logit(global rate)."""
         w = torch.zeros(self.spec.n_numeric)
-        base = len(self.spec.numeric)
-        counters = list(self.spec.counters)
-        if counters:
-            w[base + 3 * counters.index("user_id")] = 1.0
-            w[base + 3 * counters.index("item_id")] = 1.0
-            w[-1] = -1.0
+        if self.spec.counters:
+            names = self.numeric_names()
+            w[names.index("user_id:rate_logit")] = 1.0
+            w[names.index("item_id:rate_logit")] = 1.0
+            w[names.index("global:rate_logit")] = -1.0
         return w
 
     # -- inputs -------------------------------------------------------------
@@ -226,7 +229,7 @@ class OnlineLearner:
         self.events += len(batch)
         self.batches += 1
         if self.cfg.ttl_events is not None and self.batches % self.cfg.expire_every == 0:
-            for t in (self.table, self.counters.table, *([self.wide.table] if self.wide else [])):
+            for t in self.tables():
                 t.expire(t_last, self.events)
         return StepResult(pred.astype(np.float32), batch.label, float(loss.detach()), num.numpy())
 

@@ -110,5 +110,5 @@ def run_progressive(events: pa.Table, learner: OnlineLearner, *, frozen_at: floa
         if progress is not None and (now - last_report >= progress_every or pos == n):
             last_report = now
             progress(Progress(pos, n, pos / learn_s if learn_s else 0.0, auc(label[:pos], pred[:pos])))
-    stats = [learner.table.stats(), learner.counters.table.stats(), *([learner.wide.table.stats()] if learner.wide else [])]
+    stats = [t.stats() for t in learner.tables()]
     return RunResult(label, pred, frozen_pred, split, learn_s, frozen_s, stats, numeric)
