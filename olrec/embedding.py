@@ -95,8 +95,9 @@ class EmbeddingTable:
         self.weight[0] = self._init_rows(1)
 
     # -- storage ---------------------------------------------------------
-    def _alloc(self, cap: int) -> None:
-        d, old = self.cfg.dim, getattr(self, "weight", None)
+    def _new_arrays(self, cap: int) -> dict[str, np.ndarray]:
+        """The per-row arrays (the one list of them), sized for ``cap`` rows."""
+        d = self.cfg.dim
         arrays = {
             "weight": np.zeros((cap, d), np.float32),
             "keys": np.zeros(cap, np.int64),
@@ -110,8 +111,12 @@ class EmbeddingTable:
             arrays["m"] = np.zeros((cap, d), np.float32)
             arrays["v"] = np.zeros((cap, d), np.float32)
             arrays["step"] = np.zeros(cap, np.int64)
-        for name, arr in arrays.items():
-            if old is not None:
+        return arrays
+
+    def _alloc(self, cap: int) -> None:
+        first = not hasattr(self, "weight")
+        for name, arr in self._new_arrays(cap).items():
+            if not first:  # growing: keep the rows in use
                 arr[: self._n] = getattr(self, name)[: self._n]
             setattr(self, name, arr)
 
@@ -131,8 +136,7 @@ class EmbeddingTable:
         self._grow_pending()
 
     def _array_names(self) -> list[str]:
-        extra = {"adagrad": ["acc"], "adam": ["m", "v", "step"]}.get(self.cfg.optimizer, [])
-        return ["weight", "keys", "row_version", "last_ts", "last_event", *extra]
+        return list(self._new_arrays(0))
 
     def _init_rows(self, n: int) -> np.ndarray:
         if self.cfg.init_std == 0:
