@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from .embedding import EmbeddingTable, TableConfig
 from .ids import hash_strings, tag_keys
+from .ps import LocalStore, Store
 from .schema import MULTI_SEP, RESERVED
 
 
@@ -307,15 +308,25 @@ class Counters:
     """
 
     DIM = 3
+    TABLE = "counters"
 
-    def __init__(self, spec: FeatureSpec, ttl_events: int | None = None) -> None:
+    def __init__(self, spec: FeatureSpec, ttl_events: int | None = None, store: Store | None = None) -> None:
         self.spec = spec
         self.keys = list(spec.counters)
         self.alphas = {k: [a for rk, a in spec.recency if rk == k] for k in self.keys}
         self.n_avg = max((len(v) for v in self.alphas.values()), default=0)
-        self.table = EmbeddingTable(TableConfig(name="counters", dim=self.DIM + self.n_avg, optimizer="none",
-                                                init_std=0.0, ttl_events=ttl_events))
+        self.store = store if store is not None else LocalStore([self.table_config(spec, ttl_events)])
         self.total = np.zeros(2, np.float64)  # global (count, positives)
+
+    @classmethod
+    def table_config(cls, spec: FeatureSpec, ttl_events: int | None = None) -> TableConfig:
+        n_avg = max((sum(1 for rk, _ in spec.recency if rk == k) for k in spec.counters), default=0)
+        return TableConfig(name=cls.TABLE, dim=cls.DIM + n_avg, optimizer="none", init_std=0.0, ttl_events=ttl_events)
+
+    @property
+    def table(self) -> EmbeddingTable:
+        """The counter table, when it lives in this process."""
+        return self.store.tables[self.TABLE]  # type: ignore[attr-defined]
 
     @property
     def width(self) -> int:
@@ -346,8 +357,8 @@ class Counters:
         # one lookup, one scan for all counters.
         k, ev, spans = tagged_keys(batch, self.keys)
         g = Groups(k)
-        rows = self.table.rows(g.uniq)
-        stored = self.table.gather(rows).astype(np.float64)
+        pulled = self.store.fetch(self.TABLE, g.uniq, unique=True)
+        stored = pulled.weights.astype(np.float64)
         state = stored[g.inverse, : self.DIM]
         if online:
             state[:, :2] += g.exclusive_sum(np.stack([np.ones(len(k)), y[ev]], 1))
@@ -383,8 +394,8 @@ class Counters:
                 sub_spans.append((key, slice(pos, pos + m)))
                 pos += m
             stored_avg = stored[at_u, self.DIM :]
-            # A key never seen starts its averages at the global rate.
-            start = np.where((rows[at_u] > 0)[:, None], stored_avg, prior[0] if n else 0.5)
+            # A key never seen (count 0) starts its averages at the global rate.
+            start = np.where((stored[at_u, 0] > 0)[:, None], stored_avg, prior[0] if n else 0.5)
             if online:
                 before, after = g2.ewma(y[ev[sub]], start, alphas)
             else:
@@ -403,21 +414,14 @@ class Counters:
             avg_delta[at_u] = after - stored_avg
             delta.append(avg_delta)
         out[:, -1] = _logit(prior)
-        return out, (g.uniq, rows, np.concatenate(delta, 1).astype(np.float32))
+        return out, (pulled, np.concatenate(delta, 1).astype(np.float32))
 
-    def update(self, batch: Batch, update: tuple) -> None:
+    def update(self, batch: Batch, update: tuple, event: int = 0) -> None:
         """Apply the update that :meth:`features` returned for this batch."""
-        uniq, rows, delta = update
+        pulled, delta = update
         ts = float(batch.ts[-1]) if len(batch) else 0.0
-        self.table.add(self.table.observe(uniq, ts, rows=rows), delta, unique=True)
+        self.store.add(self.TABLE, pulled, delta, ts=ts, event=event)
         self.total += (len(batch), float(batch.label.sum()))
-
-    def state_dict(self) -> dict:
-        return {"table": self.table.state_dict(), "total": self.total.copy()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.table = EmbeddingTable.from_state_dict(state["table"])
-        self.total = state["total"].copy()
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -7,13 +7,19 @@ prediction; backward; a sparse optimizer step on the pulled rows and an Adam
 step on the dense tower; the wide part (per-event FTRL) scores and learns each
 event in turn; an online stacker blends the two; then counters and numeric
 statistics learn the batch.
-The parameter-server path (Ray) does the same with pull/push over shards.
+
+Per-id state lives in a :class:`~olrec.ps.Store`: in this process by default,
+or in parameter-server shards (:class:`~olrec.ps.ShardedTables`), so the one
+step below is the in-process learner and each Ray Train worker alike. Dense
+state is the worker's own; a :class:`DenseSync` (see :mod:`olrec.train`)
+reduces it across workers at the points :meth:`OnlineLearner.step` marks.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,9 +27,10 @@ import torch.nn.functional as F
 
 from .embedding import EmbeddingTable, TableConfig
 from .features import Batch, Counters, FeatureSpec
-from .ids import TAG_BITS, tag_keys, unique_small
-from .wide import FTRL, Wide
+from .ids import TAG_BITS, tag_keys
 from .model import Arch, DenseTower
+from .ps import LocalStore, Pulled, Store
+from .wide import FTRL, Wide
 
 
 @dataclass(frozen=True)
@@ -85,23 +92,39 @@ class StepResult:
     numeric: np.ndarray  # (B, spec.n_numeric) the dense tower's raw numeric input: context numerics, counter features
 
 
+class DenseSync(Protocol):
+    """Reduces a worker's dense gradients with its peers' (see :mod:`olrec.train`)."""
+
+    def reduce_grads(self, params: list[torch.nn.Parameter], n_events: int) -> bool:
+        """Replace each ``.grad`` by the event-weighted mean over workers; False
+        when no worker had events (then no optimizer step is taken)."""
+        ...
+
+
+def learner_tables(spec: FeatureSpec, cfg: LearnerConfig) -> list[TableConfig]:
+    """The per-id tables a learner keeps: sparse rows, counters, the wide part's state.
+
+    One table holds every sparse field's rows (a field's index tags its keys):
+    one lookup, one gather and one optimizer step per batch, and one pull and
+    push per parameter-server shard."""
+    sparse = TableConfig(name="sparse", dim=cfg.dim + 1, optimizer=cfg.sparse_optimizer,  # type: ignore[arg-type]
+                         lr=cfg.sparse_lr, init_std=cfg.init_std, admit_after=cfg.admit_after,
+                         ttl_events=cfg.ttl_events, seed=cfg.seed)
+    return [sparse, Counters.table_config(spec, cfg.ttl_events), *([Wide.table_config(cfg.ttl_events)] if cfg.wide else [])]
+
+
 class OnlineLearner:
-    def __init__(self, spec: FeatureSpec, cfg: LearnerConfig = LearnerConfig()) -> None:
+    def __init__(self, spec: FeatureSpec, cfg: LearnerConfig = LearnerConfig(), store: Store | None = None) -> None:
         self.spec, self.cfg = spec, cfg
         torch.manual_seed(cfg.seed)
-        # One table holds every sparse field's rows (a field's index tags its
-        # keys): one lookup, one gather and one optimizer step per batch, and
-        # one pull/push per parameter-server shard later.
-        self.table = EmbeddingTable(TableConfig(name="sparse", dim=cfg.dim + 1, optimizer=cfg.sparse_optimizer,  # type: ignore[arg-type]
-                                                lr=cfg.sparse_lr, init_std=cfg.init_std, admit_after=cfg.admit_after,
-                                                ttl_events=cfg.ttl_events, seed=cfg.seed))
-        self.counters = Counters(spec, ttl_events=cfg.ttl_events)
+        self.store = store if store is not None else LocalStore(learner_tables(spec, cfg))
+        self.counters = Counters(spec, ttl_events=cfg.ttl_events, store=self.store)
         self.model = DenseTower(len(spec.sparse_fields), cfg.dim, spec.n_numeric,
                                 arch=cfg.arch, hidden=cfg.hidden, prior=self._prior_weights())
         # fused: one kernel for all parameters, a third of the per-step cost on CPU
         self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.dense_lr, fused=True)
-        self.wide = (Wide(spec, spec.n_numeric, FTRL(alpha=cfg.wide_alpha, l2=cfg.wide_l2), ttl_events=cfg.ttl_events)
-                     if cfg.wide else None)
+        self.wide = (Wide(spec, spec.n_numeric, FTRL(alpha=cfg.wide_alpha, l2=cfg.wide_l2), ttl_events=cfg.ttl_events,
+                          store=self.store) if cfg.wide else None)
         # The blend of the deep and wide logits is itself learned online (a
         # stacked logistic regression): a stream that rewards per-event ids
         # leans on the wide part, a latent-factor world on the deep one.
@@ -112,10 +135,57 @@ class OnlineLearner:
         self.blend_opt = torch.optim.Adam(self.blend.parameters(), lr=0.05)
         self.events = 0
         self.batches = 0
+        self.expires = True  # sweep the store for idle rows (one worker of several does)
 
     def tables(self) -> list[EmbeddingTable]:
-        """Every per-id table the learner keeps: sparse rows, counters, the wide part's state."""
-        return [self.table, self.counters.table, *([self.wide.table] if self.wide else [])]
+        """Every per-id table the learner keeps, when they live in this process."""
+        return list(self._local_store().tables.values())
+
+    @property
+    def table(self) -> EmbeddingTable:
+        """The sparse rows' table, when it lives in this process."""
+        return self._local_store().tables["sparse"]
+
+    def _local_store(self) -> LocalStore:
+        if not isinstance(self.store, LocalStore):
+            raise TypeError(f"this learner's tables live in {type(self.store).__name__}, not in this process")
+        return self.store
+
+    def dense_params(self) -> list[torch.nn.Parameter]:
+        """The parameters learned by gradient in this process: the tower's and the blend's."""
+        ps = [p for p in self.model.parameters() if p.requires_grad]
+        return ps + (list(self.blend.parameters()) if self.wide is not None else [])
+
+    def additive_state(self) -> list[np.ndarray]:
+        """Dense state that grows by adding each event's share (float64 copies):
+        the numeric statistics as sums, the wide part's numeric (z, n), the
+        global counts, the events learned. Workers merge it by adding deltas."""
+        out = [*self.model.norm.sums(), self.counters.total.copy(), np.array([float(self.events)])]
+        return out + ([self.wide.dense.copy()] if self.wide is not None else [])
+
+    def set_additive_state(self, state: list[np.ndarray]) -> None:
+        self.model.norm.set_sums(*state[:3])
+        self.counters.total = state[3].copy()
+        self.events = int(round(state[4][0]))
+        if self.wide is not None:
+            self.wide.dense = state[5].copy()
+
+    def dense_state_dict(self) -> dict:
+        """Everything dense (for a checkpoint; the per-id tables are the store's)."""
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "blend": self.blend.state_dict(), "blend_opt": self.blend_opt.state_dict(),
+                "total": self.counters.total.copy(), "wide": None if self.wide is None else self.wide.dense.copy(),
+                "events": self.events, "batches": self.batches}
+
+    def load_dense_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.blend.load_state_dict(state["blend"])
+        self.blend_opt.load_state_dict(state["blend_opt"])
+        self.counters.total = state["total"].copy()
+        if self.wide is not None:
+            self.wide.dense = state["wide"].copy()
+        self.events, self.batches = state["events"], state["batches"]
 
     def numeric_names(self) -> list[str]:
         """Names of the columns of :attr:`StepResult.numeric`."""
@@ -154,7 +224,8 @@ class OnlineLearner:
         if field not in self.spec.categorical:
             raise ValueError(f"{field!r} is not a single-valued sparse field; have {self.spec.categorical}")
         keys = tag_keys(np.asarray(ids, np.int64), self.spec.sparse_fields.index(field))
-        return self.table.gather(self.table.rows(keys))[:, : self.cfg.dim].copy()
+        pulled = self.store.fetch("sparse", keys)
+        return pulled.weights[pulled.inverse, : self.cfg.dim]
 
     @staticmethod
     def _blend_inputs(deep_logit: torch.Tensor, p_wide: np.ndarray) -> torch.Tensor:
@@ -171,20 +242,18 @@ class OnlineLearner:
         tags = np.bincount(self.table.held_keys() >> TAG_BITS, minlength=len(self.spec.sparse_fields))
         return {f: int(tags[i]) for i, f in enumerate(self.spec.sparse_fields)}
 
-    def _pool(self, batch: Batch, rows: np.ndarray, spans: list[slice], grad: bool
-              ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-        """(B, F, D+1) pooled rows, the unique rows pulled, and their leaf tensor (receives gradients)."""
-        uniq, inv = unique_small(rows, self.table.size)
-        w = torch.from_numpy(self.table.gather(uniq))
+    def _pool(self, batch: Batch, pulled: Pulled, spans: list[slice], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, F, D+1) pooled rows and the pulled rows' leaf tensor (receives gradients)."""
+        w = torch.from_numpy(pulled.weights)
         w.requires_grad_(grad)
-        idx = torch.from_numpy(inv.astype(np.int64))
+        idx = torch.from_numpy(pulled.inverse.astype(np.int64))
         n_single = len(self.spec.categorical)
         cols = [F.embedding(idx[: n_single * len(batch)].view(n_single, -1).T, w)] if n_single else []
         for f, span in zip(self.spec.multi, spans[n_single:]):
             lengths = batch.multi[f][1]
             offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
             cols.append(F.embedding_bag(idx[span], w, offsets, mode="mean").unsqueeze(1))
-        return torch.cat(cols, 1), uniq, w
+        return torch.cat(cols, 1), w
 
     def next_batch_size(self) -> int:
         c = self.cfg
@@ -194,13 +263,14 @@ class OnlineLearner:
         return int(min(c.batch_size, grown))
 
     # -- the loop -----------------------------------------------------------
-    def step(self, batch: Batch) -> StepResult:
-        """Score the batch, then learn it."""
+    def step(self, batch: Batch, sync: DenseSync | None = None) -> StepResult:
+        """Score the batch, then learn it (``sync``: merge dense gradients with other workers')."""
         torch.set_num_threads(self.cfg.threads)
         num, updates = self._numeric(batch, online=True)
         t_last = float(batch.ts[-1]) if len(batch) else 0.0
         keys, spans = self.field_keys(batch)
-        emb, uniq, w = self._pool(batch, self.table.observe(keys, t_last, self.events), spans, grad=True)
+        pulled = self.store.fetch("sparse", keys, observe=True, ts=t_last, event=self.events)
+        emb, w = self._pool(batch, pulled, spans, grad=True)
         # Statistics of the context numerics first: they hold no label, and a
         # raw input like a release year must not reach the first batch
         # unscaled. Counter features carry earlier events' labels, so theirs
@@ -213,8 +283,7 @@ class OnlineLearner:
         loss = F.binary_cross_entropy_with_logits(logit, y, weight=torch.from_numpy(batch.weight))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
-        self.table.apply_gradients(uniq, w.grad.numpy(), unique=True)
+        self.store.apply("sparse", pulled, w.grad.numpy())
         pred = torch.sigmoid(logit).detach().numpy()
         if self.wide is not None:
             p_wide = self.wide.step(batch, self._wide_inputs(num), t_last, self.events)
@@ -223,15 +292,32 @@ class OnlineLearner:
             pred = torch.sigmoid(blended).detach().numpy()
             self.blend_opt.zero_grad(set_to_none=True)
             F.binary_cross_entropy_with_logits(blended, y, weight=torch.from_numpy(batch.weight)).backward()
-            self.blend_opt.step()
+        self._dense_step(len(batch), sync)
         self.model.norm.update(num, slice(n_ctx, None))
-        self.counters.update(batch, updates)
+        self.counters.update(batch, updates, self.events)
         self.events += len(batch)
-        self.batches += 1
-        if self.cfg.ttl_events is not None and self.batches % self.cfg.expire_every == 0:
-            for t in self.tables():
-                t.expire(t_last, self.events)
+        self._end_round(t_last)
         return StepResult(pred.astype(np.float32), batch.label, float(loss.detach()), num.numpy())
+
+    def idle_step(self, sync: DenseSync) -> None:
+        """A round without events of this worker's own: it still takes part in the
+        dense reduction (and steps with its peers' gradients)."""
+        for p in self.dense_params():
+            p.grad = torch.zeros_like(p)
+        self._dense_step(0, sync)
+        self._end_round(None)
+
+    def _dense_step(self, n_events: int, sync: DenseSync | None) -> None:
+        if sync is not None and not sync.reduce_grads(self.dense_params(), n_events):
+            return
+        self.opt.step()
+        if self.wide is not None:
+            self.blend_opt.step()
+
+    def _end_round(self, ts: float | None) -> None:
+        self.batches += 1
+        if self.cfg.ttl_events is not None and self.expires and self.batches % self.cfg.expire_every == 0:
+            self.store.expire(ts or 0.0, self.events)
 
     @torch.no_grad()
     def predict(self, batch: Batch, online: bool = False) -> np.ndarray:
@@ -241,7 +327,7 @@ class OnlineLearner:
         torch.set_num_threads(self.cfg.threads)
         num, _ = self._numeric(batch, online=online)
         keys, spans = self.field_keys(batch)
-        emb, _, _ = self._pool(batch, self.table.rows(keys), spans, grad=False)
+        emb, _ = self._pool(batch, self.store.fetch("sparse", keys), spans, grad=False)
         logit = self.model(emb, num)
         if self.wide is not None:
             logit = self.blend(self._blend_inputs(logit, self.wide.predict(batch, self._wide_inputs(num)))).squeeze(1)
@@ -249,4 +335,5 @@ class OnlineLearner:
 
     def frozen_copy(self) -> "OnlineLearner":
         """An independent copy of all state: rows, counters, dense weights, statistics."""
+        self._local_store()  # a sharded learner's copy is a snapshot of its shards
         return copy.deepcopy(self)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +51,19 @@ class Standardize(nn.Module):
         self.mean[cols] = mean + delta * n / tot
         self.m2[cols] = self.m2[cols] + bm2 + delta**2 * count * n / tot
         self.count[cols] = tot
+
+    def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The statistics as (count, sum, sum of squares), float64: additive, so
+        workers merge what each learned by adding deltas."""
+        n, mean, m2 = (b.double().numpy() for b in (self.count, self.mean, self.m2))
+        return n, n * mean, m2 + n * mean * mean
+
+    @torch.no_grad()
+    def set_sums(self, n: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> None:
+        mean = np.divide(s1, n, out=np.zeros_like(s1), where=n > 0)
+        self.count.copy_(torch.from_numpy(n))
+        self.mean.copy_(torch.from_numpy(mean))
+        self.m2.copy_(torch.from_numpy(np.maximum(s2 - n * mean * mean, 0.0)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         var = (self.m2 + self.PSEUDO) / (self.count + self.PSEUDO)

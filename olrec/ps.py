@@ -9,6 +9,13 @@ the answers back in the batch's order. :class:`LocalShard` runs in the
 caller's process; :func:`ray_shards` starts Ray actors around it, so the same
 client drives one process or a cluster. What crosses the wire is numpy
 arrays: keys, weights, gradients.
+
+A learner reaches its per-id state through a :class:`Store`: pull the rows of
+a batch's keys (deduplicated), later push gradients or additive deltas for
+them. :class:`LocalStore` keeps the tables in the learner's process (the
+in-process learner, fastest: it remembers the row indices it pulled);
+:class:`ShardedTables` is the same contract over shards, with pushes that may
+run asynchronously up to a bound on staleness.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ import pickle
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from collections import deque
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from .embedding import EmbeddingTable, TableConfig
+from .ids import unique_small
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -40,11 +49,16 @@ class Shard(Protocol):
     """One shard's API: batched, numpy in and out, one call per training batch."""
 
     def pull(self, table: str, keys: np.ndarray, observe: bool = False,
-             ts: float = 0.0, event: int = 0) -> np.ndarray: ...
+             ts: float = 0.0, event: int = 0, counts: np.ndarray | None = None) -> np.ndarray: ...
 
     def push_gradients(self, table: str, keys: np.ndarray, grads: np.ndarray) -> None: ...
 
-    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray) -> None: ...
+    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray,
+                    ts: float = 0.0, event: int = 0) -> None: ...
+
+    def expire(self, ts: float, event: int) -> int: ...
+
+    def reset(self) -> None: ...
 
     def deltas(self, table: str, since_version: int) -> tuple[np.ndarray, np.ndarray, int]: ...
 
@@ -53,6 +67,91 @@ class Shard(Protocol):
     def restore(self, path: str) -> None: ...
 
     def stats(self) -> dict[str, dict[str, Any]]: ...
+
+
+@dataclass
+class Pulled:
+    """The rows a :class:`Store` fetched for a batch: ``weights`` (U, dim) of the
+    U distinct keys, ``inverse`` (N,) the weight row of each key asked for, and
+    what the store needs to push to the same rows later (``ref``)."""
+
+    weights: np.ndarray
+    inverse: np.ndarray
+    keys: np.ndarray | None
+    ref: Any
+
+
+class Store(Protocol):
+    """Where a learner keeps its per-id state (tables named ``sparse``, ``counters``, ``wide``)."""
+
+    def fetch(self, table: str, keys: np.ndarray, *, observe: bool = False, ts: float = 0.0,
+              event: int = 0, unique: bool = False) -> Pulled:
+        """Rows of ``keys`` (``unique``: the caller has deduplicated them)."""
+        ...
+
+    def apply(self, table: str, pulled: Pulled, grads: np.ndarray) -> None:
+        """One optimizer step with gradients (U, dim) for the pulled rows."""
+        ...
+
+    def add(self, table: str, pulled: Pulled, deltas: np.ndarray, *, ts: float = 0.0, event: int = 0) -> None:
+        """Add deltas (U, dim) to the pulled rows, admitting unseen keys (needs ``unique`` keys)."""
+        ...
+
+    def end_batch(self, tag: Any) -> None:
+        """The batch's pushes are all issued; :meth:`done` returns ``tag`` once they are applied."""
+        ...
+
+    def done(self) -> list:
+        """Tags of batches whose pushes are applied, in batch order, each returned once."""
+        ...
+
+    def flush(self) -> None:
+        """Wait until every push issued is applied."""
+        ...
+
+    def expire(self, ts: float, event: int) -> int: ...
+
+
+class LocalStore:
+    """Tables in the learner's process: it keeps the row indices it fetched, so
+    a push costs no second lookup."""
+
+    def __init__(self, tables: Sequence[TableConfig]) -> None:
+        self.tables = {t.name: EmbeddingTable(t) for t in tables}
+        self._done: list = []
+
+    def fetch(self, table: str, keys: np.ndarray, *, observe: bool = False, ts: float = 0.0,
+              event: int = 0, unique: bool = False) -> Pulled:
+        t = self.tables[table]
+        rows = t.observe(keys, ts, event) if observe else t.rows(keys)
+        if unique:
+            return Pulled(t.gather(rows), np.arange(len(rows)), np.asarray(keys, np.int64), rows)
+        uniq, inv = unique_small(rows, t.size)
+        return Pulled(t.gather(uniq), inv, None, uniq)
+
+    def apply(self, table: str, pulled: Pulled, grads: np.ndarray) -> None:
+        # Rows of unique keys repeat only at the default row: let the table sum them.
+        self.tables[table].apply_gradients(pulled.ref, grads, unique=pulled.keys is None)
+
+    def add(self, table: str, pulled: Pulled, deltas: np.ndarray, *, ts: float = 0.0, event: int = 0) -> None:
+        t = self.tables[table]
+        if pulled.keys is None:  # rows already admitted by an observing fetch
+            t.add(pulled.ref, deltas, unique=True)
+        else:
+            t.add(t.observe(pulled.keys, ts, event, rows=pulled.ref), deltas, unique=True)
+
+    def end_batch(self, tag: Any) -> None:
+        self._done.append(tag)
+
+    def done(self) -> list:
+        out, self._done = self._done, []
+        return out
+
+    def flush(self) -> None:
+        pass
+
+    def expire(self, ts: float, event: int) -> int:
+        return sum(t.expire(ts, event) for t in self.tables.values())
 
 
 class LocalShard:
@@ -65,7 +164,12 @@ class LocalShard:
         if dup:
             raise ValueError(f"duplicate table name(s) {sorted(dup)}")
         # Each shard draws its initial rows from its own stream.
-        self.tables = {t.name: EmbeddingTable(replace(t, seed=t.seed + 7919 * index)) for t in tables}
+        self.configs = [replace(t, seed=t.seed + 7919 * index) for t in tables]
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every row: a restarted run without a checkpoint starts here."""
+        self.tables = {t.name: EmbeddingTable(t) for t in self.configs}
 
     def _table(self, name: str) -> EmbeddingTable:
         try:
@@ -73,23 +177,33 @@ class LocalShard:
         except KeyError:
             raise KeyError(f"no table {name!r} on this shard; have {sorted(self.tables)}") from None
 
-    def pull(self, table: str, keys: np.ndarray, observe: bool = False, ts: float = 0.0, event: int = 0) -> np.ndarray:
+    def pull(self, table: str, keys: np.ndarray, observe: bool = False, ts: float = 0.0, event: int = 0,
+             counts: np.ndarray | None = None) -> np.ndarray:
         """Weights of ``keys`` (the default row for ids not admitted). ``observe``
         counts the sighting (admission, last-seen clocks) as training does;
-        serving and frozen scoring pull without it."""
+        serving and frozen scoring pull without it. ``counts``: how many
+        sightings each (deduplicated) key stands for (admission counts them)."""
         t = self._table(table)
-        rows = t.observe(keys, ts, event) if observe else t.rows(keys)
-        return t.gather(rows)
+        if not observe:
+            return t.gather(t.rows(keys))
+        if counts is None:
+            return t.gather(t.observe(keys, ts, event))
+        rows = t.observe(np.repeat(keys, counts), ts, event)
+        return t.gather(rows[np.cumsum(counts) - counts])
 
     def push_gradients(self, table: str, keys: np.ndarray, grads: np.ndarray) -> None:
         """One optimizer step (gradients of duplicate keys and of ids sharing the default row are summed)."""
         t = self._table(table)
         t.apply_gradients(t.rows(keys), grads)
 
-    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray) -> None:
-        """Add to the rows (counter tables); unseen keys are admitted first."""
+    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray, ts: float = 0.0, event: int = 0) -> None:
+        """Add to the rows (counters, the wide part's state); unseen keys are admitted first."""
         t = self._table(table)
-        t.add(t.observe(keys), deltas)
+        t.add(t.observe(keys, ts, event), deltas)
+
+    def expire(self, ts: float, event: int) -> int:
+        """Evict idle rows of every table (their ``ttl_*``); returns how many."""
+        return sum(t.expire(ts, event) for t in self.tables.values())
 
     def deltas(self, table: str, since_version: int) -> tuple[np.ndarray, np.ndarray, int]:
         return self._table(table).deltas(since_version)
@@ -130,11 +244,21 @@ class ShardedTables:
     """
 
     shards: list
+    #: Batches whose pushes may still be in flight when the next batch is
+    #: fetched (0: every push is applied before ``end_batch`` returns). A
+    #: shard runs one caller's calls in order, so a worker always reads its
+    #: own pushes; the bound limits how far it runs ahead of their acks.
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         if not self.shards:
             raise ValueError("ShardedTables needs at least one shard")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
         self._remote = hasattr(self.shards[0].pull, "remote")
+        self._issued: list = []  # this batch's push futures
+        self._inflight: deque = deque()  # (tag, futures) of earlier batches
+        self._done: list = []
 
     def _call(self, method: str, per_shard: Mapping[int, tuple]) -> dict[int, Any]:
         if self._remote:
@@ -143,6 +267,72 @@ class ShardedTables:
             futures = {i: getattr(self.shards[i], method).remote(*args) for i, args in per_shard.items()}
             return dict(zip(futures, ray.get(list(futures.values()))))
         return {i: getattr(self.shards[i], method)(*args) for i, args in per_shard.items()}
+
+    def _push(self, method: str, per_shard: Mapping[int, tuple]) -> None:
+        """Issue a push; with remote shards it completes by :meth:`end_batch` or later."""
+        if self._remote:
+            self._issued += [getattr(self.shards[i], method).remote(*args) for i, args in per_shard.items()]
+        else:
+            self._call(method, per_shard)
+
+    # -- the Store contract (a learner's batch: fetch, then push) -------------
+    def fetch(self, table: str, keys: np.ndarray, *, observe: bool = False, ts: float = 0.0,
+              event: int = 0, unique: bool = False) -> Pulled:
+        keys = np.asarray(keys, np.int64)
+        if unique:
+            uniq, inv, counts = keys, np.arange(len(keys)), None
+        else:
+            uniq, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        parts = self._split(uniq)  # split once per batch: the pushes reuse it
+        got = self._call("pull", {i: (table, uniq[idx], observe, ts, event, None if counts is None else counts[idx])
+                                  for i, idx in parts})
+        dim = got[parts[0][0]].shape[1] if parts else 0
+        weights = np.empty((len(uniq), dim), np.float32)
+        for i, idx in parts:
+            weights[idx] = got[i]
+        return Pulled(weights, inv, uniq, parts)
+
+    def apply(self, table: str, pulled: Pulled, grads: np.ndarray) -> None:
+        self._push("push_gradients", {i: (table, pulled.keys[idx], grads[idx]) for i, idx in pulled.ref})
+
+    def add(self, table: str, pulled: Pulled, deltas: np.ndarray, *, ts: float = 0.0, event: int = 0) -> None:
+        self._push("push_deltas", {i: (table, pulled.keys[idx], deltas[idx], ts, event) for i, idx in pulled.ref})
+
+    def end_batch(self, tag: Any) -> None:
+        self._inflight.append((tag, self._issued))
+        self._issued = []
+        while len(self._inflight) > self.max_staleness:
+            self._settle()
+
+    def _settle(self) -> None:
+        tag, futures = self._inflight.popleft()
+        if futures:
+            import ray
+
+            ray.get(futures)  # raises if a shard died: the batch is not applied
+        self._done.append(tag)
+
+    def done(self) -> list:
+        while self._inflight:
+            futures = self._inflight[0][1]
+            if futures:
+                import ray
+
+                if ray.wait(futures, num_returns=len(futures), timeout=0)[1]:
+                    break  # still in flight
+            self._settle()
+        out, self._done = self._done, []
+        return out
+
+    def flush(self) -> None:
+        while self._inflight:
+            self._settle()
+
+    def expire(self, ts: float, event: int) -> int:
+        return sum(self._call("expire", {i: (ts, event) for i in range(len(self.shards))}).values())
+
+    def reset(self) -> None:
+        self._call("reset", {i: () for i in range(len(self.shards))})
 
     def _split(self, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
         owner = shard_of(keys, len(self.shards))
@@ -163,9 +353,9 @@ class ShardedTables:
         keys = np.asarray(keys, np.int64)
         self._call("push_gradients", {i: (table, keys[idx], grads[idx]) for i, idx in self._split(keys)})
 
-    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray) -> None:
+    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray, ts: float = 0.0, event: int = 0) -> None:
         keys = np.asarray(keys, np.int64)
-        self._call("push_deltas", {i: (table, keys[idx], deltas[idx]) for i, idx in self._split(keys)})
+        self._call("push_deltas", {i: (table, keys[idx], deltas[idx], ts, event) for i, idx in self._split(keys)})
 
     def deltas(self, table: str, since: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Rows changed after each shard's version in ``since`` (one per shard);

@@ -18,7 +18,7 @@ import numpy as np
 
 from .embedding import EmbeddingTable, TableConfig
 from .features import Batch, FeatureSpec, tagged_keys
-from .ids import unique_small
+from .ps import LocalStore, Store
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,26 @@ def _ftrl_pass(ptr, idx, x, y, zn, zn_dense, alpha, beta, l1, l2, learn, out):
 class Wide:
     """Per-event FTRL over ``n_numeric`` inputs, every sparse field's ids and ``spec.crosses``."""
 
-    def __init__(self, spec: FeatureSpec, n_numeric: int, ftrl: FTRL = FTRL(), ttl_events: int | None = None) -> None:
+    TABLE = "wide"
+
+    def __init__(self, spec: FeatureSpec, n_numeric: int, ftrl: FTRL = FTRL(), ttl_events: int | None = None,
+                 store: Store | None = None) -> None:
         self.spec, self.ftrl = spec, ftrl
-        self.table = EmbeddingTable(TableConfig(name="wide", dim=2, optimizer="none", init_std=0.0,
-                                                ttl_events=ttl_events))
+        self.store = store if store is not None else LocalStore([self.table_config(ttl_events)])
         self.dense = np.zeros((n_numeric + 1, 2))  # (z, n) per numeric input, then the bias
         # Compile now (start-up), not inside the first batch.
         self._pass(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, n_numeric)), np.zeros(0),
                    np.zeros((1, 2)), self.dense.copy(), learn=True)
+
+    @classmethod
+    def table_config(cls, ttl_events: int | None = None) -> TableConfig:
+        """Per-id (z, n) of FTRL, changed by adding deltas."""
+        return TableConfig(name=cls.TABLE, dim=2, optimizer="none", init_std=0.0, ttl_events=ttl_events)
+
+    @property
+    def table(self) -> EmbeddingTable:
+        """The (z, n) table, when it lives in this process."""
+        return self.store.tables[self.TABLE]  # type: ignore[attr-defined]
 
     def keys(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         """Every event's one-hot keys (tagged: fields, then crosses), flat in event
@@ -109,16 +121,15 @@ class Wide:
     def step(self, batch: Batch, x: np.ndarray, ts: float = 0.0, event: int = 0) -> np.ndarray:
         """Progressive probabilities for the batch, each event scored before it is learned."""
         keys, ptr = self.keys(batch)
-        rows = self.table.observe(keys, ts, event)
-        uniq, inv = unique_small(rows, self.table.size)
-        zn = self.table.gather(uniq).astype(np.float64)
+        pulled = self.store.fetch(self.TABLE, keys, observe=True, ts=ts, event=event)
+        zn = pulled.weights.astype(np.float64)
         before = zn.copy()
-        p = self._pass(ptr, inv.astype(np.int64), x, batch.label, zn, self.dense, learn=True)
-        self.table.add(uniq, (zn - before).astype(np.float32), unique=True)
+        p = self._pass(ptr, pulled.inverse.astype(np.int64), x, batch.label, zn, self.dense, learn=True)
+        self.store.add(self.TABLE, pulled, (zn - before).astype(np.float32), ts=ts, event=event)
         return p
 
     def predict(self, batch: Batch, x: np.ndarray) -> np.ndarray:
         keys, ptr = self.keys(batch)
-        uniq, inv = unique_small(self.table.rows(keys), self.table.size)
-        zn = self.table.gather(uniq).astype(np.float64)
-        return self._pass(ptr, inv.astype(np.int64), x, batch.label, zn, self.dense.copy(), learn=False)
+        pulled = self.store.fetch(self.TABLE, keys)
+        zn = pulled.weights.astype(np.float64)
+        return self._pass(ptr, pulled.inverse.astype(np.int64), x, batch.label, zn, self.dense.copy(), learn=False)

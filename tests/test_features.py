@@ -281,16 +281,6 @@ def test_split_batches_equal_one_batch_online():
     np.testing.assert_allclose(np.r_[fa, fb], f_whole, rtol=1e-4, atol=1e-5)
 
 
-def test_counters_state_dict_round_trip():
-    rng = np.random.default_rng(2)
-    c = _warm_counters(rng)
-    d = Counters(SPEC)
-    d.load_state_dict(c.state_dict())
-    b = encode(random_events(rng, 20), SPEC)
-    np.testing.assert_array_equal(c.features(b, online=True)[0], d.features(b, online=True)[0])
-    assert c.total.tolist() == d.total.tolist()
-
-
 # -- FeatureSpec ----------------------------------------------------------------------
 
 
