@@ -1,4 +1,4 @@
-"""The ``olrec`` command: ``olrec learn`` and ``olrec demo``.
+"""The ``olrec`` command: ``olrec learn``, ``olrec train`` and ``olrec demo``.
 
 Errors a user can fix (a bad config, a missing file, a wrong format) end with
 exit status 2 and one line ``olrec: error: ...``, never a traceback.
@@ -29,7 +29,7 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="olrec", description="olrec: an online-learning recommender. Learns from every event as it arrives.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{learn,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{learn,train,demo}")
 
     learn = sub.add_parser(
         "learn", help="learn a stream of events online and report progressive metrics",
@@ -48,6 +48,25 @@ def _parser() -> argparse.ArgumentParser:
     learn.add_argument("--batch-size", type=int, help=f"micro-batch size after the warm-up (default {LearnerConfig.batch_size})")
     learn.add_argument("--max-events", type=int, help="learn only the first N events")
     learn.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    tr = sub.add_parser(
+        "train", help="train on a Ray cluster: parameter-server shards, Ray Train workers, checkpoints",
+        description="Train online on Ray: the run's event log (RUN_DIR/log, filled from --data when empty) "
+                    "streams through Ray Data to Ray Train workers; per-id state lives in shard actors; "
+                    "checkpoints with the watermark go to RUN_DIR/checkpoints, and a restarted run resumes "
+                    "from the latest. Connects to the cluster in $RAY_ADDRESS (as `ray job submit` sets it), "
+                    "else starts a local one. Prints the final metrics as JSON and writes RUN_DIR/train.json.")
+    tr.add_argument("--config", type=Path, help="a YAML config (see cluster/jobs/ml100k.yaml); flags override it")
+    tr.add_argument("--data", "--events", dest="events", type=Path,
+                    help="the events to fill an empty log with (an absolute path: a job runs from a copy of "
+                         "the working directory); default $OLREC_DATA or the config's data.path")
+    tr.add_argument("--format", choices=["ml100k", "generic", "synthetic"], help="how to read --data")
+    tr.add_argument("--run-dir", type=Path, help="the run's directory (log, checkpoints, ledger; default runs/train)")
+    tr.add_argument("--workers", type=int, help="Ray Train workers")
+    tr.add_argument("--shards", type=int, help="parameter-server shard actors")
+    tr.add_argument("--max-events", type=int, help="fill the log with only the first N events")
+    tr.add_argument("--continuous", action="store_true", help="follow the log until stopped (Ctrl-C, SIGTERM, "
+                                                              "or RUN_DIR/STOP), with a final checkpoint")
 
     demo = sub.add_parser(
         "demo", help="the embedded default: learn MovieLens-100K online and write a report",
@@ -81,6 +100,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["learner"] = {"batch_size": args.batch_size}
     if getattr(args, "report_dir", None) is not None:
         out["report"] = {"dir": str(args.report_dir)}
+    train = {k: getattr(args, k) for k in ("workers", "shards") if getattr(args, k, None) is not None}
+    if getattr(args, "run_dir", None) is not None:
+        train["run_dir"] = str(args.run_dir)
+    if getattr(args, "continuous", False):
+        train["continuous"] = True
+    if train:
+        out["train"] = train
     return out
 
 
@@ -173,6 +199,61 @@ def run_learn(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
     return {"json": json_path, "png": png_path, "dead_lettered": n_bad}
 
 
+def run_train(cfg: Config) -> dict[str, Any]:
+    """``olrec train``: fill the run's log when it is empty, then train on Ray."""
+    import math
+    import signal
+
+    import pyarrow as pa
+    import ray
+
+    from .log import OFFSET, EventLog
+    from .train import RunPaths, train
+
+    paths = RunPaths(cfg.run_dir.resolve())
+    log = EventLog(paths.log)
+    if log.end_offset == 0 and (cfg.data.path is not None or cfg.data.format == "synthetic"):
+        events, n_bad = load_events(cfg, paths.root / "dead-letter.jsonl")
+        with log.open_writer() as w:
+            for at in range(0, events.num_rows, 65536):
+                w.append(events.slice(at, 65536))
+        print(f"olrec: {events.num_rows} events appended to {paths.log}"
+              + (f" ({n_bad} malformed rows dead-lettered)" if n_bad else ""), file=sys.stderr)
+    elif log.end_offset == 0 and not cfg.train.continuous:
+        raise UsageError(f"the event log {paths.log} is empty and no data was given: pass --data")
+    sample = pa.concat_tables(list(log.read(0, min(log.end_offset, 10_000)))) if log.end_offset else None
+    spec = cfg.feature_spec(None if sample is None else sample.drop_columns([OFFSET]))
+    build_learner(spec, cfg.learner)  # a spec the learner rejects fails here, not in a worker
+
+    tc = cfg.train
+    started = not ray.is_initialized()
+    if started:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:  # a local cluster, logical CPUs overcommitted: workers and shards mostly wait on each other
+            need = tc.workers * tc.cpus_per_worker + tc.shards * tc.cpus_per_shard + 2
+            ray.init(address="local", num_cpus=max(2, math.ceil(need)), include_dashboard=False, log_to_driver=False)
+    previous = {}
+
+    def stop(signum, frame) -> None:
+        paths.stop_file.touch()  # the stream ends; workers write a final checkpoint and return
+        print("olrec: stopping after a final checkpoint", file=sys.stderr)
+
+    if tc.continuous:
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        metrics = train(spec, cfg.learner, tc, paths.root)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if started:
+            ray.shutdown()
+    out = {**metrics, "run_dir": str(paths.root)}
+    (paths.root / "train.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(json.dumps(out, default=str))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -184,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.max_events is not None:
                 over["data"]["max_events"] = args.max_events
             run_learn(load_config(None, over), quiet=args.quiet)
+        elif args.command == "train":
+            over = _overrides(args)
+            if getattr(args, "events", None) is None and os.environ.get("OLREC_DATA"):
+                over.setdefault("data", {})["path"] = os.environ["OLREC_DATA"]
+            run_train(load_config(args.config, over))
         else:
             run_learn(load_config(args.config, _overrides(args)), quiet=args.quiet)
     except (UsageError, ConfigError, FileNotFoundError) as e:

@@ -11,6 +11,8 @@ Sections (every one optional; every key optional)::
                data, FeatureSpec defaults for synthetic data
     learner:   every LearnerConfig field, defaults from LearnerConfig
     report:    dir, name, window, frozen_at
+    train:     every TrainConfig field (workers, shards, checkpoints, ...), and
+               run_dir: where the run's event log, checkpoints and ledger live
 
 An unknown key or a bad value is a :class:`ConfigError` naming the dotted path
 and the value, e.g. ``learner.batch_size: must be >= 1, got 0``. Relative
@@ -37,6 +39,7 @@ from .features import FeatureSpec, ml100k_spec
 from .learner import LearnerConfig, OnlineLearner
 from .model import Arch
 from .sources import SyntheticConfig
+from .train import TrainConfig
 
 __all__ = [
     "ConfigError", "Config", "DataConfig", "ReportConfig", "ConfigSchema",
@@ -160,11 +163,35 @@ class ReportSchema(_Section):
     frozen_at: Annotated[float, Field(gt=0, lt=1)] | None = 0.5  # None: no frozen baseline
 
 
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class TrainSchema(_Section):
+    run_dir: Name = "runs/train"
+    workers: PosInt = _default(TrainConfig, "workers")
+    shards: PosInt = _default(TrainConfig, "shards")
+    use_gpu: SBool = _default(TrainConfig, "use_gpu")
+    cpus_per_worker: PosFloat = _default(TrainConfig, "cpus_per_worker")
+    cpus_per_shard: NonNegFloat = _default(TrainConfig, "cpus_per_shard")
+    sync_every: PosInt = _default(TrainConfig, "sync_every")
+    max_staleness: NonNegInt = _default(TrainConfig, "max_staleness")
+    continuous: SBool = _default(TrainConfig, "continuous")
+    poll_interval: PosFloat = _default(TrainConfig, "poll_interval")
+    block_rows: PosInt = _default(TrainConfig, "block_rows")
+    checkpoint_every_s: PosFloat = _default(TrainConfig, "checkpoint_every_s")
+    checkpoint_every_events: PosInt | None = _default(TrainConfig, "checkpoint_every_events")
+    keep_checkpoints: PosInt = _default(TrainConfig, "keep_checkpoints")
+    max_failures: Annotated[int, Strict(), Field(ge=-1)] = _default(TrainConfig, "max_failures")
+    report_every_s: PosFloat = _default(TrainConfig, "report_every_s")
+    idle_wait_s: PosFloat = _default(TrainConfig, "idle_wait_s")
+
+
 class ConfigSchema(_Section):
     data: DataSchema = Field(default_factory=DataSchema)
     features: FeaturesSchema = Field(default_factory=FeaturesSchema)
     learner: LearnerSchema = Field(default_factory=LearnerSchema)
     report: ReportSchema = Field(default_factory=ReportSchema)
+    train: TrainSchema = Field(default_factory=TrainSchema)
 
 
 # ---------------------------------------------------------------------------
@@ -212,6 +239,8 @@ class Config:
     feature_overrides: Mapping[str, Any]
     learner: LearnerConfig
     report: ReportConfig
+    train: TrainConfig
+    run_dir: Path
     schema: ConfigSchema  # the validated input, as given
 
     def feature_spec(self, events: pa.Table | None = None) -> FeatureSpec:
@@ -326,7 +355,10 @@ def _from_schema(s: ConfigSchema) -> Config:
 
     r = s.report
     report = ReportConfig(dir=Path(r.dir) if r.dir else None, name=r.name, window=r.window, frozen_at=r.frozen_at)
-    return Config(data, features, MappingProxyType(overrides), learner, report, s)
+    t = s.train.model_dump()
+    run_dir = Path(t.pop("run_dir"))
+    train = _build("train", lambda: TrainConfig(**t))
+    return Config(data, features, MappingProxyType(overrides), learner, report, train, run_dir, s)
 
 
 # The learner rejects some specs only when built (Counters needs user and item counters).
@@ -338,8 +370,8 @@ def build_learner(spec: FeatureSpec, cfg: LearnerConfig) -> OnlineLearner:
 # ---------------------------------------------------------------------------
 # Messages.
 
-_FIELD_MSG = re.compile(r"^(?:(?:FeatureSpec|LearnerConfig|SyntheticConfig)\.)?([a-z_][a-z0-9_]*):? (.+)$", re.S)
-_OWNER = re.compile(r"^(?:FeatureSpec|LearnerConfig|SyntheticConfig):? ")
+_FIELD_MSG = re.compile(r"^(?:(?:FeatureSpec|LearnerConfig|SyntheticConfig|TrainConfig)\.)?([a-z_][a-z0-9_]*):? (.+)$", re.S)
+_OWNER = re.compile(r"^(?:FeatureSpec|LearnerConfig|SyntheticConfig|TrainConfig):? ")
 
 
 def _build(section: str, make):

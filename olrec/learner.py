@@ -136,6 +136,13 @@ class OnlineLearner:
         self.events = 0
         self.batches = 0
         self.expires = True  # sweep the store for idle rows (one worker of several does)
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "OnlineLearner":
+        """Run the dense tower on ``device`` (a GPU); rows, the wide part and the blend stay on the CPU."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
 
     def tables(self) -> list[EmbeddingTable]:
         """Every per-id table the learner keeps, when they live in this process."""
@@ -204,7 +211,7 @@ class OnlineLearner:
     # -- inputs -------------------------------------------------------------
     def _numeric(self, batch: Batch, online: bool) -> tuple[torch.Tensor, list]:
         feats, updates = self.counters.features(batch, online=online)
-        return torch.from_numpy(np.concatenate([batch.numeric, feats], 1)), updates
+        return torch.from_numpy(np.concatenate([batch.numeric, feats], 1)).to(self.device), updates
 
     def field_keys(self, batch: Batch) -> tuple[np.ndarray, list[slice]]:
         """Table keys of every sparse field of the batch, concatenated, and each field's slice.
@@ -230,12 +237,12 @@ class OnlineLearner:
     @staticmethod
     def _blend_inputs(deep_logit: torch.Tensor, p_wide: np.ndarray) -> torch.Tensor:
         p = np.clip(p_wide, 1e-6, 1 - 1e-6)
-        return torch.stack([deep_logit, torch.from_numpy(np.log(p / (1 - p)).astype(np.float32))], 1)
+        return torch.stack([deep_logit.cpu(), torch.from_numpy(np.log(p / (1 - p)).astype(np.float32))], 1)
 
     @torch.no_grad()
     def _wide_inputs(self, num: torch.Tensor) -> np.ndarray:
         """The wide part's numeric inputs: the deep part's standardisation of them."""
-        return self.model.norm(num).numpy().astype(np.float64)
+        return self.model.norm(num).cpu().numpy().astype(np.float64)
 
     def rows_per_field(self) -> dict[str, int]:
         """Rows the table holds for each sparse field (the default row not counted)."""
@@ -244,14 +251,14 @@ class OnlineLearner:
 
     def _pool(self, batch: Batch, pulled: Pulled, spans: list[slice], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, F, D+1) pooled rows and the pulled rows' leaf tensor (receives gradients)."""
-        w = torch.from_numpy(pulled.weights)
+        w = torch.from_numpy(pulled.weights).to(self.device)
         w.requires_grad_(grad)
-        idx = torch.from_numpy(pulled.inverse.astype(np.int64))
+        idx = torch.from_numpy(pulled.inverse.astype(np.int64)).to(self.device)
         n_single = len(self.spec.categorical)
         cols = [F.embedding(idx[: n_single * len(batch)].view(n_single, -1).T, w)] if n_single else []
         for f, span in zip(self.spec.multi, spans[n_single:]):
             lengths = batch.multi[f][1]
-            offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
+            offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)).to(self.device)
             cols.append(F.embedding_bag(idx[span], w, offsets, mode="mean").unsqueeze(1))
         return torch.cat(cols, 1), w
 
@@ -279,25 +286,25 @@ class OnlineLearner:
         n_ctx = len(self.spec.numeric)
         self.model.norm.update(num, slice(0, n_ctx))
         logit = self.model(emb, num)
-        y = torch.from_numpy(batch.label)
-        loss = F.binary_cross_entropy_with_logits(logit, y, weight=torch.from_numpy(batch.weight))
+        y, weight = torch.from_numpy(batch.label), torch.from_numpy(batch.weight)
+        loss = F.binary_cross_entropy_with_logits(logit, y.to(self.device), weight=weight.to(self.device))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.store.apply("sparse", pulled, w.grad.numpy())
-        pred = torch.sigmoid(logit).detach().numpy()
+        self.store.apply("sparse", pulled, w.grad.cpu().numpy())
+        pred = torch.sigmoid(logit).detach().cpu().numpy()
         if self.wide is not None:
             p_wide = self.wide.step(batch, self._wide_inputs(num), t_last, self.events)
             both = self._blend_inputs(logit.detach(), p_wide)
             blended = self.blend(both).squeeze(1)
             pred = torch.sigmoid(blended).detach().numpy()
             self.blend_opt.zero_grad(set_to_none=True)
-            F.binary_cross_entropy_with_logits(blended, y, weight=torch.from_numpy(batch.weight)).backward()
+            F.binary_cross_entropy_with_logits(blended, y, weight=weight).backward()
         self._dense_step(len(batch), sync)
         self.model.norm.update(num, slice(n_ctx, None))
         self.counters.update(batch, updates, self.events)
         self.events += len(batch)
         self._end_round(t_last)
-        return StepResult(pred.astype(np.float32), batch.label, float(loss.detach()), num.numpy())
+        return StepResult(pred.astype(np.float32), batch.label, float(loss.detach()), num.cpu().numpy())
 
     def idle_step(self, sync: DenseSync) -> None:
         """A round without events of this worker's own: it still takes part in the
@@ -331,7 +338,7 @@ class OnlineLearner:
         logit = self.model(emb, num)
         if self.wide is not None:
             logit = self.blend(self._blend_inputs(logit, self.wide.predict(batch, self._wide_inputs(num)))).squeeze(1)
-        return torch.sigmoid(logit).numpy()
+        return torch.sigmoid(logit).cpu().numpy()
 
     def frozen_copy(self) -> "OnlineLearner":
         """An independent copy of all state: rows, counters, dense weights, statistics."""

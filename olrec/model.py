@@ -55,7 +55,7 @@ class Standardize(nn.Module):
     def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The statistics as (count, sum, sum of squares), float64: additive, so
         workers merge what each learned by adding deltas."""
-        n, mean, m2 = (b.double().numpy() for b in (self.count, self.mean, self.m2))
+        n, mean, m2 = (b.double().cpu().numpy() for b in (self.count, self.mean, self.m2))
         return n, n * mean, m2 + n * mean * mean
 
     @torch.no_grad()

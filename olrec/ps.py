@@ -234,6 +234,10 @@ class LocalShard:
     def stats(self) -> dict[str, dict[str, Any]]:
         return {name: asdict(t.stats()) for name, t in self.tables.items()}
 
+    def pid(self) -> int:
+        """The shard's process (operators and fault tests signal it)."""
+        return os.getpid()
+
 
 @dataclass
 class ShardedTables:

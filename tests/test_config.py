@@ -11,10 +11,11 @@ import dataclasses
 
 import pyarrow as pa
 
-from olrec.config import ConfigError, LearnerSchema, SyntheticSchema, load_config
+from olrec.config import ConfigError, LearnerSchema, SyntheticSchema, TrainSchema, load_config
 from olrec.features import FeatureSpec, ml100k_spec
 from olrec.learner import LearnerConfig
 from olrec.sources import SyntheticConfig
+from olrec.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,8 +82,9 @@ def test_an_unset_warmup_batch_follows_a_small_batch_size() -> None:
 
 
 def test_the_schema_covers_every_dataclass_field_with_its_default() -> None:
-    for schema, cls in ((LearnerSchema, LearnerConfig), (SyntheticSchema, SyntheticConfig)):
-        assert set(schema.model_fields) == {f.name for f in dataclasses.fields(cls)}
+    for schema, cls, extra in ((LearnerSchema, LearnerConfig, set()), (SyntheticSchema, SyntheticConfig, set()),
+                               (TrainSchema, TrainConfig, {"run_dir"})):
+        assert set(schema.model_fields) == {f.name for f in dataclasses.fields(cls)} | extra
     assert load_config(None).learner == LearnerConfig()
     assert load_config({"data": {"format": "synthetic"}}).data.synthetic == SyntheticConfig()
 

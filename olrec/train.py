@@ -1,0 +1,642 @@
+"""Distributed online training on Ray: the event log streamed by Ray Data to
+Ray Train workers, per-id state in parameter-server shards, dense state
+reduced across workers, watermarked checkpoints.
+
+Processes and what crosses between them::
+
+    driver ── creates the shard actors, the dataset and the TorchTrainer; waits
+    shard actors (olrec.ps.LocalShard) ── per-id tables; numpy keys/rows in, rows out
+    Ray Data read task (olrec.stream) ── follows the log, blocks of events with offsets
+    Train workers (this module's _worker) ── each round: take up to batch_size / W
+        events, pull their rows, score (progressive), learn, push; then an
+        all-reduce of dense gradients and of additive dense state (gloo/NCCL)
+
+The **watermark** W: every event with offset < W is in the shards and in the
+dense weights. Ray Data hands blocks to workers dynamically, so one worker's
+offsets have gaps: each worker reports the offset intervals whose pushes are
+applied, and rank 0 takes W as the end of the gap-free run from the start.
+A checkpoint (olrec.checkpoint) holds the shards, the dense state and W; a
+restarted run (Ray Train's FailureConfig, or a new job) restores the latest
+one that verifies and replays the log from W: nothing is lost, and the events
+applied after the checkpoint are applied again (counted from the ledger of
+applied offsets every worker appends to).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .features import FeatureSpec, encode
+from .learner import LearnerConfig, OnlineLearner
+from .log import OFFSET
+from .metrics import auc as auc_of
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a training run is laid out on Ray (the model is :class:`LearnerConfig`)."""
+
+    workers: int = 1
+    shards: int = 1
+    use_gpu: bool = False  # the dense tower on each worker's GPU, reduced with NCCL
+    cpus_per_worker: float = 1.0
+    cpus_per_shard: float = 0.25  # a shard mostly waits for calls
+    #: Dense reduction: 1 all-reduces gradients every round (workers stay
+    #: identical); k > 1 lets each worker step alone and averages the
+    #: parameters every k rounds (fewer collectives, slightly stale).
+    sync_every: int = 1
+    #: Batches whose sparse pushes may be unacknowledged when the next is pulled (0: synchronous).
+    max_staleness: int = 0
+    continuous: bool = False  # follow the log until stopped; else stop at its end (or max_events)
+    poll_interval: float = 0.2  # seconds between looks at the log for new segments
+    block_rows: int = 1024  # rows per Ray Data block: small blocks reach workers sooner
+    checkpoint_every_s: float = 30.0
+    checkpoint_every_events: int | None = None
+    keep_checkpoints: int = 3
+    max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before the run fails
+    report_every_s: float = 1.0  # metrics, watermark and the published dense weights
+    idle_wait_s: float = 0.05  # a worker without events waits this long before an empty round
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "shards", "sync_every", "block_rows", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_staleness",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1 (-1: retry forever), got {self.max_failures}")
+        for name in ("cpus_per_worker", "poll_interval", "checkpoint_every_s", "report_every_s", "idle_wait_s"):
+            v = getattr(self, name)
+            if not (v > 0 and np.isfinite(v)):
+                raise ValueError(f"{name} must be a positive number, got {v}")
+        if not (self.cpus_per_shard >= 0 and np.isfinite(self.cpus_per_shard)):
+            raise ValueError(f"cpus_per_shard must be >= 0, got {self.cpus_per_shard}")
+        if self.checkpoint_every_events is not None and self.checkpoint_every_events < 1:
+            raise ValueError(f"checkpoint_every_events must be >= 1 or None, got {self.checkpoint_every_events}")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run keeps its state: one directory, on storage every process sees."""
+
+    root: Path
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "ledger"
+
+    @property
+    def published(self) -> Path:
+        """The latest dense weights with their watermark, for serving."""
+        return self.root / "published.pt"
+
+    @property
+    def metrics(self) -> Path:
+        """The latest training metrics (rank 0 rewrites it at every report)."""
+        return self.root / "metrics.json"
+
+    @property
+    def stop_file(self) -> Path:
+        """Created to end a continuous run (the driver does on SIGINT/SIGTERM)."""
+        return self.root / "STOP"
+
+
+# ---------------------------------------------------------------------------
+# Offsets applied and the watermark.
+
+def intervals(offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open runs of consecutive offsets, e.g. [3,4,5,9] -> [(3,6), (9,10)]."""
+    o = np.asarray(offsets, np.int64)
+    if o.size == 0:
+        return []
+    o = np.sort(o)
+    breaks = np.flatnonzero(np.diff(o) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [o.size]))
+    return [(int(o[s]), int(o[e - 1]) + 1) for s, e in zip(starts, ends)]
+
+
+class Applied:
+    """Offset intervals applied at or above ``start``; the watermark is the end
+    of the gap-free run from ``start``."""
+
+    def __init__(self, start: int) -> None:
+        self.watermark = start
+        self._above: list[tuple[int, int]] = []
+
+    def add(self, spans: list[tuple[int, int]]) -> None:
+        merged = sorted(self._above + [s for s in spans if s[1] > self.watermark])
+        out: list[tuple[int, int]] = []
+        for lo, hi in merged:
+            if out and lo <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], hi))
+            else:
+                out.append((lo, hi))
+        while out and out[0][0] <= self.watermark:
+            self.watermark = max(self.watermark, out.pop(0)[1])
+        self._above = out
+
+
+def read_ledger(directory: Path) -> list[tuple[int, int]]:
+    """Every applied interval any worker recorded (int64 pairs per file)."""
+    spans: list[tuple[int, int]] = []
+    for p in sorted(Path(directory).glob("*.bin")):
+        a = np.fromfile(p, np.int64)
+        a = a[: a.size // 2 * 2].reshape(-1, 2)  # a torn last record is dropped
+        spans += [(int(lo), int(hi)) for lo, hi in a]
+    return spans
+
+
+def count_from(spans: list[tuple[int, int]], start: int) -> int:
+    """Offsets at or above ``start`` covered by ``spans``, with multiplicity."""
+    return int(sum(max(0, hi - max(lo, start)) for lo, hi in spans))
+
+
+def duplicates(spans: list[tuple[int, int]]) -> int:
+    """Applications beyond the first of each offset (events applied twice after a restore)."""
+    union = Applied(0)
+    union.add(spans)
+    distinct = union.watermark + sum(hi - lo for lo, hi in union._above)
+    return count_from(spans, 0) - distinct
+
+
+# ---------------------------------------------------------------------------
+# Dense reduction across workers.
+
+class Solo:
+    """The reduction of a single worker: nothing to merge."""
+
+    def reduce_grads(self, params: list, n_events: int) -> bool:
+        return n_events > 0
+
+    def end_round(self, learner: OnlineLearner, control: np.ndarray) -> np.ndarray:
+        return control
+
+    def average_params(self, learner: OnlineLearner) -> None:
+        pass
+
+
+class TorchDenseSync:
+    """All-reduce through Ray Train's torch process group (gloo on CPU, NCCL on GPU).
+
+    Per round: the dense gradients, weighted by each worker's events (so a
+    round equals one step on the union of the workers' batches), in one
+    collective; then the additive dense state (numeric statistics, the wide
+    part's numeric weights, global counts) as deltas since the last round,
+    plus a few control numbers, in another.
+    """
+
+    def __init__(self, learner: OnlineLearner, every: int, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.every, self.device = dist, every, device
+        self.world = dist.get_world_size()
+        self.base = learner.additive_state()
+        self.rounds = 0
+
+    def reduce_grads(self, params: list, n_events: int) -> bool:
+        if self.every > 1:
+            return n_events > 0  # local steps; parameters are averaged in end_round
+        # The tower may sit on a GPU and the blend on the CPU: one flat buffer on the sync device.
+        flat = torch.cat([p.grad.reshape(-1).to(self.device) * n_events for p in params]
+                         + [torch.tensor([float(n_events)], device=self.device)])
+        self.dist.all_reduce(flat)
+        total = float(flat[-1])
+        if total == 0:
+            return False
+        at = 0
+        for p in params:
+            p.grad.copy_((flat[at : at + p.numel()] / total).view_as(p))
+            at += p.numel()
+        return True
+
+    def end_round(self, learner: OnlineLearner, control: np.ndarray) -> np.ndarray:
+        """Merge the additive state (and every k rounds the parameters); the
+        control numbers summed over workers."""
+        self.rounds += 1
+        now = learner.additive_state()
+        deltas = [n - b for n, b in zip(now, self.base)]
+        flat = torch.from_numpy(np.concatenate([d.ravel() for d in deltas] + [control.astype(np.float64)])).to(self.device)
+        self.dist.all_reduce(flat)
+        flat = flat.cpu().numpy()
+        merged, at = [], 0
+        for b in self.base:
+            merged.append(b + flat[at : at + b.size].reshape(b.shape))
+            at += b.size
+        learner.set_additive_state(merged)
+        self.base = [m.copy() for m in merged]
+        if self.rounds % self.every == 0:
+            self.average_params(learner)
+        return flat[at:]
+
+    def average_params(self, learner: OnlineLearner) -> None:
+        """Make every worker's parameters their mean (a no-op when gradients are
+        all-reduced every round: the workers are identical already)."""
+        if self.every > 1:
+            params = learner.dense_params()
+            with torch.no_grad():
+                vec = torch.cat([p.reshape(-1).to(self.device) for p in params])
+                self.dist.all_reduce(vec)
+                vec /= self.world
+                at = 0
+                for p in params:
+                    p.copy_(vec[at : at + p.numel()].view_as(p))
+                    at += p.numel()
+
+
+# ---------------------------------------------------------------------------
+# The worker.
+
+class Feeder:
+    """Pulls blocks from a dataset iterator on a thread, so a round can take
+    whatever has arrived (up to a batch) instead of waiting for a full batch."""
+
+    def __init__(self, blocks: Iterator[pa.Table]) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=8)
+        self._rest: pa.Table | None = None
+        self.exhausted = False
+        self._thread = threading.Thread(target=self._pump, args=(blocks,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, blocks: Iterator[pa.Table]) -> None:
+        try:
+            for b in blocks:
+                if b.num_rows:
+                    self._q.put(b)
+            self._q.put(None)
+        except BaseException as e:  # re-raised in the training thread
+            self._q.put(e)
+
+    def _get(self, timeout: float | None) -> pa.Table | None:
+        try:
+            item = self._q.get(timeout=timeout) if timeout else self._q.get_nowait()
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        if item is None:
+            self.exhausted = True
+        return item
+
+    def take(self, n: int, wait: float, full: bool = False) -> pa.Table | None:
+        """Up to ``n`` rows: what has arrived, waiting at most ``wait`` s for the
+        first; ``full``: wait for ``n`` rows unless the stream ends (a bounded
+        run cuts the same batches as the in-process learner)."""
+        parts, have = [], 0
+        if self._rest is not None:
+            parts, have, self._rest = [self._rest], self._rest.num_rows, None
+        while have < n and not self.exhausted:
+            t = self._get(wait if full or not have else None)
+            if t is None:
+                if full and have:
+                    continue  # a partial batch waits for the rest
+                break
+            parts.append(t)
+            have += t.num_rows
+        if not parts:
+            return None
+        table = pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]
+        if table.num_rows > n:
+            self._rest = table.slice(n)
+            table = table.slice(0, n)
+        return table
+
+    @property
+    def done(self) -> bool:
+        return self.exhausted and self._rest is None
+
+
+@dataclass
+class _Progress:
+    """Progressive predictions gathered on rank 0, by offset."""
+
+    offsets: list = field(default_factory=list)
+    preds: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+
+    def extend(self, o: np.ndarray, p: np.ndarray, y: np.ndarray) -> None:
+        self.offsets.append(o)
+        self.preds.append(p)
+        self.labels.append(y)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.offsets:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
+        o, p, y = (np.concatenate(x) for x in (self.offsets, self.preds, self.labels))
+        if o.size == 0:
+            return o.astype(np.int64), p.astype(np.float32), y.astype(np.float32)
+        # An event replayed after a restore keeps its latest score.
+        order = np.argsort(o, kind="stable")
+        o, p, y = o[order], p[order], y[order]
+        last = np.r_[o[1:] != o[:-1], True]
+        self.offsets, self.preds, self.labels = [o[last]], [p[last]], [y[last]]
+        return o[last], p[last], y[last]
+
+
+def _worker(config: dict) -> None:
+    """The train function each Ray Train worker runs."""
+    import ray.train
+
+    from .checkpoint import CheckpointStore
+    from .log import EventLog
+    from .ps import ShardedTables
+    from .stream import iter_events
+
+    job: TrainJob = config["job"]
+    tc = job.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    paths = RunPaths(Path(job.run_dir))
+    device = torch.device("cpu")
+    if tc.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    store = ShardedTables(list(job.shards), tc.max_staleness)
+    learner = OnlineLearner(job.spec, job.learner, store=store).to(device)
+    learner.expires = rank == 0
+    ckpts = CheckpointStore(paths.checkpoints, keep=tc.keep_checkpoints)
+    refused: list[str] = []
+
+    def on_refused(e: Exception) -> None:
+        refused.append(str(e))
+        print(f"olrec: checkpoint refused: {e}", flush=True)
+
+    latest = ckpts.latest(on_refused=on_refused)
+    start = latest.watermark if latest else 0
+    progress = _Progress()
+    if rank == 0:
+        # Shards may hold a failed attempt's updates: back to the checkpoint, or empty.
+        if latest:
+            store.restore(str(latest.path))
+        else:
+            store.reset()
+        again = count_from(read_ledger(paths.ledger), start)
+        if again:
+            print(f"olrec: resuming at offset {start}; {again} events applied since are applied again", flush=True)
+    if latest:
+        state = torch.load(latest.file("dense.pt"), weights_only=False, map_location="cpu")
+        learner.load_dense_state_dict(state)
+        if rank == 0:
+            with np.load(latest.file("progress.npz")) as z:
+                progress.extend(z["offsets"], z["preds"], z["labels"])
+    if world > 1:
+        torch.distributed.barrier()  # no pull before the shards are restored
+    sync: Any = TorchDenseSync(learner, tc.sync_every, device) if world > 1 else Solo()
+    paths.ledger.mkdir(parents=True, exist_ok=True)
+    ledger = open(paths.ledger / f"rank{rank}-{os.getpid()}-{time.time_ns()}.bin", "ab")
+    applied = Applied(start)
+    log = EventLog(paths.log, create=False) if rank == 0 else None
+    feeder = Feeder(iter_events(ray.train.get_dataset_shard("train")))
+    per_worker = max(1, job.learner.batch_size // world)
+    mine = _Progress()  # this worker's predictions since the last gather
+    new_spans: list[tuple[int, int]] = []
+    last_report = last_ckpt = time.monotonic()
+    ckpt_events = learner.events
+    ckpt_time = time.time()
+    loss_sum, loss_n, step_s = 0.0, 0, 0.0
+    first_at: float | None = None  # when this attempt trained its first batch (start-up ends)
+    first_events, last_at = learner.events, time.time()
+    metrics: dict[str, Any] = {}
+
+    def settle() -> None:
+        spans = [s for tag in store.done() for s in tag]
+        if spans:
+            np.asarray(spans, np.int64).tofile(ledger)
+            new_spans.extend(spans)
+
+    def gather() -> None:
+        """Everyone's new applied spans and predictions to rank 0; ledger flushed."""
+        store.flush()
+        settle()
+        ledger.flush()
+        mine_arrays = mine.arrays()
+        parts = [(list(new_spans), mine_arrays)]
+        if world > 1:
+            got: list = [None] * world
+            torch.distributed.all_gather_object(got, parts[0])
+            parts = got
+        for spans, arrays in parts:
+            applied.add(spans)
+            progress.extend(*arrays)
+        new_spans.clear()
+        mine.offsets, mine.preds, mine.labels = [], [], []
+
+    def report(final: bool) -> None:
+        nonlocal last_report, metrics
+        now = time.monotonic()
+        o, p, y = progress.arrays() if rank == 0 else (None, None, None)
+        stats = store.stats() if rank == 0 else []
+        metrics = {
+            "events_trained": int(learner.events),
+            # From the first batch of this attempt on: start-up (cluster, trainer, dataset) excluded.
+            "events_per_s": (learner.events - first_events) / max(last_at - first_at, 1e-9) if first_at else 0.0,
+            "first_batch_at": first_at,
+            "loss": loss_sum / max(loss_n, 1),
+            "auc": float(auc_of(y, p)) if rank == 0 and len(y) > 1 else float("nan"),
+            "watermark": int(applied.watermark),
+            "stream_lag": int(log.end_offset - applied.watermark) if log is not None else 0,
+            "shard_rows": int(sum(t["rows"] for s in stats for t in s.values())),
+            "shard_bytes": int(sum(t["bytes"] for s in stats for t in s.values())),
+            "step_s": step_s / max(loss_n, 1),  # a batch's pull, learn and push
+            "checkpoint_age_s": time.time() - ckpt_time,
+            # Events applied twice (restores replay from a checkpoint), from every worker's ledger.
+            "replayed": duplicates(read_ledger(paths.ledger)) if rank == 0 and final else 0,
+            "refused_checkpoints": refused,
+            "final": final,
+        }
+        if rank == 0:
+            _publish(paths.published, learner, applied.watermark)
+            _write_json(paths.metrics, metrics)
+        last_report = now
+        # Not ray.train.report: it is a barrier that costs about 2 s in Ray
+        # 2.60, and olrec keeps its own checkpoints. Metrics go to the Ray
+        # dashboard (olrec.telemetry) and to metrics.json.
+
+    def checkpoint() -> None:
+        nonlocal last_ckpt, ckpt_events, ckpt_time
+        if rank == 0:
+            staging = ckpts.stage()
+            store.snapshot(str(staging))
+            torch.save(learner.dense_state_dict(), staging / "dense.pt")
+            o, p, y = progress.arrays()
+            keep = o < applied.watermark
+            np.savez(staging / "progress.npz", offsets=o[keep], preds=p[keep], labels=y[keep])
+            ckpts.commit(staging, applied.watermark, {"events": int(learner.events), "workers": world,
+                                                      "shards": len(job.shards)})
+        last_ckpt, ckpt_events, ckpt_time = time.monotonic(), learner.events, time.time()
+
+    while True:
+        table = feeder.take(per_worker, tc.idle_wait_s, full=not tc.continuous)
+        if table is not None:
+            offsets = table[OFFSET].to_numpy()
+            if first_at is None:
+                first_at, first_events = time.time(), learner.events
+            t = time.perf_counter()
+            res = learner.step(encode(table, job.spec), sync)
+            step_s += time.perf_counter() - t
+            last_at = time.time()
+            loss_sum, loss_n = loss_sum + res.loss, loss_n + 1
+            mine.extend(offsets, res.pred, res.label)
+            store.end_batch(intervals(offsets))
+        elif world > 1:
+            learner.idle_step(sync)
+        settle()
+        now = time.monotonic()
+        want = np.zeros(3)
+        want[0] = float(feeder.done and table is None)
+        if rank == 0:
+            want[1] = float(now - last_report >= tc.report_every_s)
+            due_events = tc.checkpoint_every_events is not None and learner.events - ckpt_events >= tc.checkpoint_every_events
+            want[2] = float(now - last_ckpt >= tc.checkpoint_every_s or due_events)
+        got = sync.end_round(learner, want)
+        if got[1] > 0 or got[2] > 0:  # every worker sees the same decision
+            sync.average_params(learner)
+            gather()
+            if got[2] > 0:
+                checkpoint()
+            report(final=False)
+        if got[0] >= world:
+            break
+
+    sync.average_params(learner)
+    gather()
+    checkpoint()
+    report(final=True)
+    ledger.close()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _publish(path: Path, learner: OnlineLearner, watermark: int) -> None:
+    """The dense weights that match ``watermark``, for serving (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    torch.save({"watermark": int(watermark), "events": int(learner.events),
+                "model": learner.model.state_dict(), "blend": learner.blend.state_dict(),
+                "wide_dense": None if learner.wide is None else learner.wide.dense.copy(),
+                "total": learner.counters.total.copy()}, tmp)
+    os.replace(tmp, path)
+
+
+def learner_from_checkpoint(path: str | Path, spec: FeatureSpec, cfg: LearnerConfig) -> OnlineLearner:
+    """The model a checkpoint holds, in this process: its shards as local
+    objects behind the same client, its dense state loaded."""
+    from .learner import learner_tables
+    from .ps import LocalShard, ShardedTables
+
+    n = len(list(Path(path).glob("shard-*.pkl")))
+    if n == 0:
+        raise FileNotFoundError(f"no shard snapshots (shard-*.pkl) in checkpoint {path}")
+    store = ShardedTables([LocalShard(learner_tables(spec, cfg), i) for i in range(n)])
+    store.restore(str(path))
+    learner = OnlineLearner(spec, cfg, store=store)
+    learner.load_dense_state_dict(torch.load(Path(path) / "dense.pt", weights_only=False, map_location="cpu"))
+    return learner
+
+
+def shard_name(run_dir: str | Path, index: int) -> str:
+    """The Ray actor name of a run's shard (``ray.get_actor`` finds it)."""
+    import hashlib
+
+    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
+    return f"olrec-shard-{digest}-{index}"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs, pickled once into the train loop's config."""
+
+    spec: FeatureSpec
+    learner: LearnerConfig
+    train: TrainConfig
+    run_dir: str
+    shards: tuple
+
+
+class _ResumeAt:
+    """The dataset's start, read when it executes: the latest checkpoint's
+    watermark, so a restarted worker group replays from there."""
+
+    def __init__(self, checkpoints: Path) -> None:
+        self.checkpoints = checkpoints
+
+    def __call__(self) -> int:
+        from .checkpoint import CheckpointStore
+
+        latest = CheckpointStore(self.checkpoints).latest(on_refused=lambda e: None)
+        return latest.watermark if latest else 0
+
+
+# ---------------------------------------------------------------------------
+# The driver.
+
+def train(spec: FeatureSpec, learner: LearnerConfig, tc: TrainConfig, run_dir: str | Path, *,
+          end: int | None = None, storage_name: str = "train") -> dict[str, Any]:
+    """Train on the event log in ``run_dir/log`` with ``tc.workers`` Ray Train
+    workers and ``tc.shards`` shard actors, on the Ray cluster this process is
+    connected to. Bounded (to ``end``, default the log's end now) unless
+    ``tc.continuous``. Returns the final metrics (rank 0's)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .learner import learner_tables
+    from .log import EventLog
+    from .ps import LocalShard
+    from .stream import LogDataConfig, log_dataset
+
+    paths = RunPaths(Path(run_dir).resolve())
+    log = EventLog(paths.log, create=False)
+    if not tc.continuous and end is None:
+        end = log.end_offset
+    paths.stop_file.unlink(missing_ok=True)
+    # A shard that dies comes back empty (max_restarts); the call that saw it
+    # die fails the worker group, which restores every shard from the checkpoint.
+    actor = ray.remote(LocalShard)
+    shards = tuple(actor.options(name=shard_name(paths.root, i), num_cpus=tc.cpus_per_shard, max_restarts=-1,
+                                 max_task_retries=0).remote(learner_tables(spec, learner), i)
+                   for i in range(tc.shards))
+    try:
+        ds = log_dataset(str(paths.log), start=_ResumeAt(paths.checkpoints), end=None if tc.continuous else end,
+                         poll_interval=tc.poll_interval, stop_file=str(paths.stop_file), block_rows=tc.block_rows)
+        job = TrainJob(spec, learner, tc, str(paths.root), shards)
+        trainer = TorchTrainer(
+            _worker, train_loop_config={"job": job},
+            scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
+                                         resources_per_worker={"CPU": tc.cpus_per_worker}),
+            run_config=RunConfig(name=storage_name, storage_path=str(paths.root / "ray"),
+                                 failure_config=FailureConfig(max_failures=tc.max_failures)),
+            datasets={"train": ds}, dataset_config=LogDataConfig())
+        paths.metrics.unlink(missing_ok=True)
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        return json.loads(paths.metrics.read_text())
+    finally:
+        for s in shards:
+            ray.kill(s)
+

@@ -1,0 +1,314 @@
+"""Distributed training: the watermark's bookkeeping (pure functions), the
+feeder, and real runs on the session's local Ray cluster: equivalence with
+the in-process learner, and faults counted with a ledger of applied events."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from olrec.train import Applied, Feeder, TrainConfig, count_from, intervals, read_ledger
+
+
+# -- watermark bookkeeping ------------------------------------------------------------
+
+def test_intervals_are_runs_of_consecutive_offsets() -> None:
+    assert intervals(np.array([3, 4, 5, 9, 11, 12])) == [(3, 6), (9, 10), (11, 13)]
+    assert intervals(np.array([], np.int64)) == []
+    assert intervals(np.array([7, 5, 6])) == [(5, 8)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 50), st.lists(st.integers(1, 30), min_size=1, max_size=20), st.randoms(use_true_random=False),
+       st.integers(0, 19))
+def test_watermark_is_the_gap_free_prefix(start: int, sizes: list[int], rnd, hold: int) -> None:
+    """Blocks applied in any order: the watermark is where the first block not yet applied begins."""
+    bounds = np.cumsum([start] + sizes)
+    blocks = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    held = blocks[hold % len(blocks)]
+    order = [b for b in blocks if b != held]
+    rnd.shuffle(order)
+    a = Applied(start)
+    for b in order:
+        a.add([b])
+        assert a.watermark <= held[0]
+    assert a.watermark == held[0]
+    a.add([held])
+    assert a.watermark == bounds[-1]
+
+
+def test_applied_ignores_spans_below_the_watermark() -> None:
+    a = Applied(100)
+    a.add([(0, 50), (90, 120)])
+    assert a.watermark == 120
+    a.add([(130, 140)])
+    assert a.watermark == 120
+
+
+def test_ledger_reads_every_worker_and_drops_a_torn_record(tmp_path: Path) -> None:
+    np.asarray([(0, 10), (20, 30)], np.int64).tofile(tmp_path / "rank0-1.bin")
+    with open(tmp_path / "rank1-2.bin", "wb") as f:
+        np.asarray([(10, 20)], np.int64).tofile(f)
+        f.write(np.int64(40).tobytes())  # a record cut in half by a kill
+    spans = read_ledger(tmp_path)
+    assert sorted(spans) == [(0, 10), (10, 20), (20, 30)]
+    assert count_from(spans + [(5, 15)], 8) == 2 + 10 + 10 + 7
+
+
+def test_train_config_names_bad_values() -> None:
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        TrainConfig(workers=0)
+    with pytest.raises(ValueError, match="poll_interval must be a positive number, got -1"):
+        TrainConfig(poll_interval=-1)
+    with pytest.raises(ValueError, match="max_failures"):
+        TrainConfig(max_failures=-2)
+
+
+# -- the feeder -------------------------------------------------------------------------
+
+def _blocks(sizes: list[int]) -> list[pa.Table]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(pa.table({"offset": np.arange(at, at + n, dtype=np.int64)}))
+        at += n
+    return out
+
+
+def test_feeder_cuts_full_batches_across_blocks() -> None:
+    f = Feeder(iter(_blocks([3, 5, 4, 2])))
+    got = []
+    while True:
+        t = f.take(4, wait=1.0, full=True)
+        if t is None:
+            break
+        got.append(t["offset"].to_pylist())
+    assert got == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    assert f.done
+
+
+def test_feeder_hands_over_what_arrived_without_waiting_for_a_full_batch() -> None:
+    q: queue.Queue = queue.Queue()
+
+    def blocks():
+        while (b := q.get()) is not None:
+            yield b
+
+    f = Feeder(blocks())
+    q.put(_blocks([3])[0])
+    deadline = time.monotonic() + 10
+    t = None
+    while t is None and time.monotonic() < deadline:
+        t = f.take(100, wait=0.05)
+    assert t is not None and t["offset"].to_pylist() == [0, 1, 2]
+    assert f.take(100, wait=0.01) is None and not f.done
+    q.put(None)
+    while not f.done and time.monotonic() < deadline:
+        f.take(100, wait=0.05)
+    assert f.done
+
+
+def test_feeder_reraises_the_stream_error() -> None:
+    def blocks():
+        yield _blocks([2])[0]
+        raise RuntimeError("the log vanished")
+
+    f = Feeder(blocks())
+    with pytest.raises(RuntimeError, match="the log vanished"):
+        for _ in range(100):
+            f.take(10, wait=0.1, full=True)
+
+
+# -- real runs on the session's local Ray cluster ----------------------------------------
+
+from olrec.checkpoint import CheckpointStore  # noqa: E402
+from olrec.features import FeatureSpec, encode, ml100k_spec  # noqa: E402
+from olrec.learner import LearnerConfig, OnlineLearner  # noqa: E402
+from olrec.log import OFFSET, EventLog  # noqa: E402
+from olrec.progressive import run_progressive  # noqa: E402
+from olrec.sources import SyntheticConfig, read_ml100k, read_synthetic  # noqa: E402
+from olrec.train import learner_from_checkpoint, shard_name, train  # noqa: E402
+
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+SYN_SPEC = FeatureSpec()
+
+
+def wait_for(cond, what: str, timeout: float = 120.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def fill(run_dir: Path, events: pa.Table) -> None:
+    with EventLog(run_dir / "log").open_writer() as w:
+        for at in range(0, events.num_rows, 4000):
+            w.append(events.slice(at, 4000))
+
+
+def synthetic(n: int) -> pa.Table:
+    t = read_synthetic(SyntheticConfig(n_users=300, n_items=150, n_events=n, seed=5)).drop_columns(["p_true"])
+    ids = pa.array(np.arange(n, dtype=np.int64) * 7 + 1_000_003)  # unique, unlike offsets
+    return t.set_column(t.schema.get_field_index("event_id"), "event_id", ids)
+
+
+class Background:
+    """``train`` on a thread (the test process is the driver), its result or error kept."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+        self._t = threading.Thread(target=self._run, args=args, kwargs=kwargs, daemon=True)
+        self._t.start()
+
+    def _run(self, *args, **kwargs) -> None:
+        try:
+            self.result = train(*args, **kwargs)
+        except BaseException as e:  # reported by join()
+            self.error = e
+
+    def join(self, timeout: float = 240) -> dict:
+        self._t.join(timeout)
+        assert not self._t.is_alive(), "training did not finish"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def published_watermark(run_dir: Path) -> int:
+    try:
+        return int(torch.load(run_dir / "published.pt", weights_only=False)["watermark"])
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return -1
+
+
+def applied_counts(run_dir: Path, n: int) -> np.ndarray:
+    """How many times each offset's event was applied, from every worker's ledger."""
+    counts = np.zeros(n, np.int64)
+    for lo, hi in read_ledger(run_dir / "ledger"):
+        counts[lo:hi] += 1
+    return counts
+
+
+def event_ids(run_dir: Path) -> np.ndarray:
+    t = pa.concat_tables(list(EventLog(run_dir / "log", create=False).read(columns=["event_id"])))
+    assert t[OFFSET].to_pylist() == list(range(t.num_rows))
+    return t["event_id"].to_numpy()
+
+
+def ledger_verdict(run_dir: Path, n: int) -> tuple[int, int]:
+    """(lost, duplicated) event ids: appended but never applied, applied more than once."""
+    ids = event_ids(run_dir)
+    assert len(np.unique(ids)) == n
+    applied = np.repeat(ids, applied_counts(run_dir, n))
+    uniq, times = np.unique(applied, return_counts=True)
+    lost = len(np.setdiff1d(ids, uniq))
+    return lost, int((times - 1).sum())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ML100K.is_dir(), reason="MovieLens-100K not in ../shared/data")
+def test_one_worker_one_shard_matches_the_in_process_learner(ray_cluster, tmp_path: Path) -> None:
+    events = read_ml100k(ML100K).slice(0, 22_000)
+    train_part, probe = events.slice(0, 20_000), events.slice(20_000)
+    spec, cfg = ml100k_spec(), LearnerConfig()  # the foundation's defaults
+    fill(tmp_path, train_part)
+    metrics = train(spec, cfg, TrainConfig(workers=1, shards=1), tmp_path)
+    assert metrics["events_trained"] == 20_000 and metrics["watermark"] == 20_000
+
+    ref = OnlineLearner(spec, cfg)
+    progressive = run_progressive(train_part, ref, frozen_at=None)
+    latest = CheckpointStore(tmp_path / "checkpoints").latest()
+    assert latest is not None and latest.watermark == 20_000
+    with np.load(latest.file("progress.npz")) as z:
+        assert z["offsets"].tolist() == list(range(20_000))
+        np.testing.assert_allclose(z["preds"], progressive.pred, atol=1e-4)
+    dist = learner_from_checkpoint(latest.path, spec, cfg)
+    batch = encode(probe, spec)
+    np.testing.assert_allclose(dist.predict(batch), ref.predict(batch), atol=1e-4)
+
+
+def _kill_mid_run(tmp_path: Path, kill) -> tuple[dict, int, int]:
+    """A bounded run over 24k synthetic events whose second half is appended
+    only after ``kill(run_dir)`` hit the run (checkpoints every 5k events)."""
+    events = synthetic(24_000)
+    fill(tmp_path, events.slice(0, 12_000))
+    tc = TrainConfig(checkpoint_every_events=5_000, checkpoint_every_s=3600, report_every_s=0.2, max_failures=3)
+    run = Background(SYN_SPEC, LearnerConfig(batch_size=1000), tc, tmp_path, end=24_000)
+    wait_for(lambda: published_watermark(tmp_path) >= 12_000, "the first half trained")
+    latest = CheckpointStore(tmp_path / "checkpoints").latest()
+    assert latest is not None and latest.watermark == 10_000
+    kill(tmp_path)
+    with EventLog(tmp_path / "log").open_writer() as w:
+        w.append(events.slice(12_000))
+    metrics = run.join()
+    lost, dup = ledger_verdict(tmp_path, 24_000)
+    return metrics, lost, dup
+
+
+@pytest.mark.slow
+def test_a_killed_shard_is_restored_from_the_checkpoint_and_nothing_is_lost(ray_cluster, tmp_path: Path) -> None:
+    def kill_shard(run_dir: Path) -> None:
+        import ray
+
+        os.kill(ray.get(ray.get_actor(shard_name(run_dir, 0)).pid.remote()), signal.SIGKILL)
+
+    metrics, lost, dup = _kill_mid_run(tmp_path, kill_shard)
+    assert metrics["watermark"] == 24_000 and metrics["events_trained"] == 24_000
+    assert lost == 0
+    assert dup == 2_000  # events 10k..12k: applied, then replayed from the checkpoint at 10k
+    assert metrics["replayed"] == dup
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_checkpoint_not_the_start(ray_cluster, tmp_path: Path) -> None:
+    def kill_worker(run_dir: Path) -> None:
+        files = sorted((run_dir / "ledger").glob("rank0-*.bin"))
+        assert len(files) == 1
+        os.kill(int(files[0].name.split("-")[1]), signal.SIGKILL)
+
+    metrics, lost, dup = _kill_mid_run(tmp_path, kill_worker)
+    assert lost == 0 and dup == 2_000 and metrics["replayed"] == dup
+    files = sorted((tmp_path / "ledger").glob("rank0-*.bin"), key=lambda p: int(p.name.split("-")[2].split(".")[0]))
+    assert len(files) == 2
+    resumed = np.fromfile(files[1], np.int64).reshape(-1, 2)
+    assert resumed[0, 0] == 10_000  # the second attempt started at the checkpoint's watermark
+
+
+@pytest.mark.slow
+def test_a_corrupted_checkpoint_is_refused_and_the_previous_one_used(ray_cluster, tmp_path: Path) -> None:
+    events = synthetic(20_000)
+    fill(tmp_path, events.slice(0, 16_000))
+    tc = TrainConfig(checkpoint_every_events=5_000, checkpoint_every_s=3600)
+    cfg = LearnerConfig(batch_size=1000)
+    train(SYN_SPEC, cfg, tc, tmp_path)
+    store = CheckpointStore(tmp_path / "checkpoints")
+    newest, previous = store.list()[-1], store.list()[-2]
+    assert (newest.watermark, previous.watermark) == (16_000, 15_000)
+    shard_file = newest.file("shard-0000.pkl")
+    data = bytearray(shard_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+
+    with EventLog(tmp_path / "log").open_writer() as w:
+        w.append(events.slice(16_000))
+    metrics = train(SYN_SPEC, cfg, tc, tmp_path)
+    assert any("shard-0000.pkl" in m for m in metrics["refused_checkpoints"])
+    assert metrics["watermark"] == 20_000
+    lost, dup = ledger_verdict(tmp_path, 20_000)
+    assert lost == 0 and dup == 1_000  # 15k..16k replayed from the previous checkpoint
+    assert metrics["replayed"] == 1_000
