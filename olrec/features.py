@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from .embedding import EmbeddingTable, TableConfig
 from .ids import hash_strings, tag_keys
-from .ps import LocalStore, Store
+from .ps import Fetch, LocalStore, Store
 from .schema import MULTI_SEP, RESERVED
 
 
@@ -336,7 +336,14 @@ class Counters:
         names = [f"{k}:{stat}" for k in self.keys for stat in ("rate_logit", "log_count", "residual")]
         return names + [f"{k}:recent{a:g}" for k, a in self.spec.recency] + ["global:rate_logit"]
 
-    def features(self, batch: Batch, online: bool) -> tuple[np.ndarray, tuple]:
+    def lookup(self, batch: Batch) -> tuple:
+        """The batch's counter keys (tagged, grouped) and the :class:`~olrec.ps.Fetch`
+        of their rows: a learner fetches them with its other tables' rows."""
+        k, ev, spans = tagged_keys(batch, self.keys)
+        g = Groups(k)
+        return (k, ev, spans, g), Fetch(self.TABLE, g.uniq, unique=True)
+
+    def features(self, batch: Batch, online: bool, prefetched: tuple | None = None) -> tuple[np.ndarray, tuple]:
         """Features (B, width) float32 and the update to apply once the batch is learned.
 
         Per key: logit of the smoothed positive rate, log1p(count), mean
@@ -354,10 +361,11 @@ class Counters:
         out = np.empty((n, self.width), np.float32)
 
         # Every key's ids in one array, tagged by the key's index: one sort,
-        # one lookup, one scan for all counters.
-        k, ev, spans = tagged_keys(batch, self.keys)
-        g = Groups(k)
-        pulled = self.store.fetch(self.TABLE, g.uniq, unique=True)
+        # one lookup, one scan for all counters. ``prefetched``: (lookup(), rows).
+        if prefetched is None:
+            found, request = self.lookup(batch)
+            prefetched = (found, self.store.fetch_many([request])[0])
+        (k, ev, spans, g), pulled = prefetched
         stored = pulled.weights.astype(np.float64)
         state = stored[g.inverse, : self.DIM]
         if online:

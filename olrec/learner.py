@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from .embedding import EmbeddingTable, TableConfig
 from .features import Batch, Counters, FeatureSpec
 from .ids import TAG_BITS, tag_keys
 from .model import Arch, DenseTower
-from .ps import LocalStore, Pulled, Store
+from .ps import Fetch, LocalStore, Pulled, Store
 from .wide import FTRL, Wide
 
 
@@ -270,13 +270,22 @@ class OnlineLearner:
         return int(min(c.batch_size, grown))
 
     # -- the loop -----------------------------------------------------------
-    def step(self, batch: Batch, sync: DenseSync | None = None) -> StepResult:
-        """Score the batch, then learn it (``sync``: merge dense gradients with other workers')."""
+    def step(self, batch: Batch, sync: DenseSync | None = None, tag: Any = None) -> StepResult:
+        """Score the batch, then learn it. ``sync``: merge dense gradients with
+        other workers'; ``tag``: what the store's ``done()`` returns once this
+        batch's pushes are applied."""
         torch.set_num_threads(self.cfg.threads)
-        num, updates = self._numeric(batch, online=True)
         t_last = float(batch.ts[-1]) if len(batch) else 0.0
+        # Every table's rows in one fetch: one round trip per shard per batch.
         keys, spans = self.field_keys(batch)
-        pulled = self.store.fetch("sparse", keys, observe=True, ts=t_last, event=self.events)
+        found_c, fetch_c = self.counters.lookup(batch)
+        requests = [Fetch("sparse", keys, observe=True, ts=t_last, event=self.events), fetch_c]
+        if self.wide is not None:
+            found_w, fetch_w = self.wide.lookup(batch, t_last, self.events)
+            requests.append(fetch_w)
+        pulled, pulled_c, *pulled_w = self.store.fetch_many(requests)
+        feats, updates = self.counters.features(batch, online=True, prefetched=(found_c, pulled_c))
+        num = torch.from_numpy(np.concatenate([batch.numeric, feats], 1)).to(self.device)
         emb, w = self._pool(batch, pulled, spans, grad=True)
         # Statistics of the context numerics first: they hold no label, and a
         # raw input like a release year must not reach the first batch
@@ -293,7 +302,8 @@ class OnlineLearner:
         self.store.apply("sparse", pulled, w.grad.cpu().numpy())
         pred = torch.sigmoid(logit).detach().cpu().numpy()
         if self.wide is not None:
-            p_wide = self.wide.step(batch, self._wide_inputs(num), t_last, self.events)
+            p_wide = self.wide.step(batch, self._wide_inputs(num), t_last, self.events,
+                                    prefetched=(found_w, pulled_w[0]))
             both = self._blend_inputs(logit.detach(), p_wide)
             blended = self.blend(both).squeeze(1)
             pred = torch.sigmoid(blended).detach().numpy()
@@ -302,6 +312,7 @@ class OnlineLearner:
         self._dense_step(len(batch), sync)
         self.model.norm.update(num, slice(n_ctx, None))
         self.counters.update(batch, updates, self.events)
+        self.store.end_batch(tag)
         self.events += len(batch)
         self._end_round(t_last)
         return StepResult(pred.astype(np.float32), batch.label, float(loss.detach()), num.cpu().numpy())

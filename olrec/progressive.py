@@ -17,6 +17,7 @@ import pyarrow as pa
 from .features import encode
 from .learner import OnlineLearner
 from .metrics import Summary, auc, summarize, windows
+from .ps import LocalStore
 
 
 @dataclass(frozen=True)
@@ -110,5 +111,5 @@ def run_progressive(events: pa.Table, learner: OnlineLearner, *, frozen_at: floa
         if progress is not None and (now - last_report >= progress_every or pos == n):
             last_report = now
             progress(Progress(pos, n, pos / learn_s if learn_s else 0.0, auc(label[:pos], pred[:pos])))
-    stats = [t.stats() for t in learner.tables()]
+    stats = [t.stats() for t in learner.tables()] if isinstance(learner.store, LocalStore) else []
     return RunResult(label, pred, frozen_pred, split, learn_s, frozen_s, stats, numeric)

@@ -23,10 +23,11 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from collections import deque
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class Shard(Protocol):
 
     def restore(self, path: str) -> None: ...
 
-    def stats(self) -> dict[str, dict[str, Any]]: ...
+    def stats(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -81,12 +82,27 @@ class Pulled:
     ref: Any
 
 
+class Fetch(NamedTuple):
+    """One table's part of a batch's fetch (see :meth:`Store.fetch`)."""
+
+    table: str
+    keys: np.ndarray
+    observe: bool = False
+    ts: float = 0.0
+    event: int = 0
+    unique: bool = False
+
+
 class Store(Protocol):
     """Where a learner keeps its per-id state (tables named ``sparse``, ``counters``, ``wide``)."""
 
     def fetch(self, table: str, keys: np.ndarray, *, observe: bool = False, ts: float = 0.0,
               event: int = 0, unique: bool = False) -> Pulled:
         """Rows of ``keys`` (``unique``: the caller has deduplicated them)."""
+        ...
+
+    def fetch_many(self, requests: Sequence[Fetch]) -> list[Pulled]:
+        """Several tables' rows at once: one call per shard for a batch."""
         ...
 
     def apply(self, table: str, pulled: Pulled, grads: np.ndarray) -> None:
@@ -97,8 +113,9 @@ class Store(Protocol):
         """Add deltas (U, dim) to the pulled rows, admitting unseen keys (needs ``unique`` keys)."""
         ...
 
-    def end_batch(self, tag: Any) -> None:
-        """The batch's pushes are all issued; :meth:`done` returns ``tag`` once they are applied."""
+    def end_batch(self, tag: Any = None) -> None:
+        """The batch's pushes are all issued (a sharded store sends them now);
+        :meth:`done` returns ``tag`` (unless None) once they are applied."""
         ...
 
     def done(self) -> list:
@@ -129,6 +146,10 @@ class LocalStore:
         uniq, inv = unique_small(rows, t.size)
         return Pulled(t.gather(uniq), inv, None, uniq)
 
+    def fetch_many(self, requests: Sequence[Fetch]) -> list[Pulled]:
+        return [self.fetch(r.table, r.keys, observe=r.observe, ts=r.ts, event=r.event, unique=r.unique)
+                for r in requests]
+
     def apply(self, table: str, pulled: Pulled, grads: np.ndarray) -> None:
         # Rows of unique keys repeat only at the default row: let the table sum them.
         self.tables[table].apply_gradients(pulled.ref, grads, unique=pulled.keys is None)
@@ -140,8 +161,9 @@ class LocalStore:
         else:
             t.add(t.observe(pulled.keys, ts, event, rows=pulled.ref), deltas, unique=True)
 
-    def end_batch(self, tag: Any) -> None:
-        self._done.append(tag)
+    def end_batch(self, tag: Any = None) -> None:
+        if tag is not None:
+            self._done.append(tag)
 
     def done(self) -> list:
         out, self._done = self._done, []
@@ -165,6 +187,8 @@ class LocalShard:
             raise ValueError(f"duplicate table name(s) {sorted(dup)}")
         # Each shard draws its initial rows from its own stream.
         self.configs = [replace(t, seed=t.seed + 7919 * index) for t in tables]
+        self._started = time.monotonic()
+        self._load = {"pulls": 0, "pushes": 0, "pull_s": 0.0, "push_s": 0.0}
         self.reset()
 
     def reset(self) -> None:
@@ -186,10 +210,28 @@ class LocalShard:
         t = self._table(table)
         if not observe:
             return t.gather(t.rows(keys))
-        if counts is None:
+        if counts is None or t.cfg.admit_after == 1:  # sighting counts matter only for admission
             return t.gather(t.observe(keys, ts, event))
         rows = t.observe(np.repeat(keys, counts), ts, event)
         return t.gather(rows[np.cumsum(counts) - counts])
+
+    def pull_many(self, requests: list[tuple]) -> list[np.ndarray]:
+        """Several :meth:`pull` calls in one (a batch's tables: one round trip)."""
+        t0 = time.perf_counter()
+        out = [self.pull(*r) for r in requests]
+        self._load["pulls"] += 1
+        self._load["pull_s"] += time.perf_counter() - t0
+        return out
+
+    def push_many(self, ops: list[tuple[str, tuple]]) -> None:
+        """Several pushes in one call, in order: (``"push_gradients"`` or ``"push_deltas"``, args)."""
+        t0 = time.perf_counter()
+        for method, args in ops:
+            if method not in ("push_gradients", "push_deltas"):
+                raise ValueError(f"push_many: {method!r} is not a push")
+            getattr(self, method)(*args)
+        self._load["pushes"] += 1
+        self._load["push_s"] += time.perf_counter() - t0
 
     def push_gradients(self, table: str, keys: np.ndarray, grads: np.ndarray) -> None:
         """One optimizer step (gradients of duplicate keys and of ids sharing the default row are summed)."""
@@ -231,8 +273,14 @@ class LocalShard:
             raise ValueError(f"snapshot {path} holds tables {sorted(state)}, this shard serves {sorted(self.tables)}")
         self.tables = {name: EmbeddingTable.from_state_dict(s) for name, s in state.items()}
 
-    def stats(self) -> dict[str, dict[str, Any]]:
-        return {name: asdict(t.stats()) for name, t in self.tables.items()}
+    def stats(self) -> dict[str, Any]:
+        """Per table: rows, bytes, admissions, evictions, version; and the batched
+        pulls and pushes served since the shard started, with their rates and
+        the seconds spent serving them."""
+        up = max(time.monotonic() - self._started, 1e-9)
+        load = dict(self._load)
+        return {"tables": {name: asdict(t.stats()) for name, t in self.tables.items()}, **load,
+                "pulls_per_s": load["pulls"] / up, "pushes_per_s": load["pushes"] / up, "uptime_s": up}
 
     def pid(self) -> int:
         """The shard's process (operators and fault tests signal it)."""
@@ -260,9 +308,18 @@ class ShardedTables:
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
         self._remote = hasattr(self.shards[0].pull, "remote")
-        self._issued: list = []  # this batch's push futures
+        self._queued: dict[int, list] = {}  # this batch's pushes, per shard
         self._inflight: deque = deque()  # (tag, futures) of earlier batches
         self._done: list = []
+        self.fetch_s = 0.0  # time spent fetching rows (the wire and the shards' queues included)
+        self.settle_s = 0.0  # time spent waiting for pushes to be acknowledged
+
+    def _call_async(self, method: str, per_shard: Mapping[int, tuple]) -> list:
+        """Futures of remote calls (none: local shards run the calls now)."""
+        if self._remote:
+            return [getattr(self.shards[i], method).remote(*args) for i, args in per_shard.items()]
+        self._call(method, per_shard)
+        return []
 
     def _call(self, method: str, per_shard: Mapping[int, tuple]) -> dict[int, Any]:
         if self._remote:
@@ -273,28 +330,42 @@ class ShardedTables:
         return {i: getattr(self.shards[i], method)(*args) for i, args in per_shard.items()}
 
     def _push(self, method: str, per_shard: Mapping[int, tuple]) -> None:
-        """Issue a push; with remote shards it completes by :meth:`end_batch` or later."""
-        if self._remote:
-            self._issued += [getattr(self.shards[i], method).remote(*args) for i, args in per_shard.items()]
-        else:
-            self._call(method, per_shard)
+        """Queue a push; :meth:`end_batch` sends each shard its batch's pushes in one call."""
+        for i, args in per_shard.items():
+            self._queued.setdefault(i, []).append((method, args))
 
     # -- the Store contract (a learner's batch: fetch, then push) -------------
     def fetch(self, table: str, keys: np.ndarray, *, observe: bool = False, ts: float = 0.0,
               event: int = 0, unique: bool = False) -> Pulled:
-        keys = np.asarray(keys, np.int64)
-        if unique:
-            uniq, inv, counts = keys, np.arange(len(keys)), None
-        else:
-            uniq, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        parts = self._split(uniq)  # split once per batch: the pushes reuse it
-        got = self._call("pull", {i: (table, uniq[idx], observe, ts, event, None if counts is None else counts[idx])
-                                  for i, idx in parts})
-        dim = got[parts[0][0]].shape[1] if parts else 0
-        weights = np.empty((len(uniq), dim), np.float32)
-        for i, idx in parts:
-            weights[idx] = got[i]
-        return Pulled(weights, inv, uniq, parts)
+        return self.fetch_many([Fetch(table, keys, observe, ts, event, unique)])[0]
+
+    def fetch_many(self, requests: Sequence[Fetch]) -> list[Pulled]:
+        t0 = time.perf_counter()
+        plans = []  # per request: unique keys, inverse, per-shard parts (the pushes reuse the split)
+        per_shard: dict[int, list] = {}
+        for r in requests:
+            keys = np.asarray(r.keys, np.int64)
+            if r.unique:
+                uniq, inv, counts = keys, np.arange(len(keys)), None
+            else:
+                uniq, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
+            parts = self._split(uniq)
+            plans.append((uniq, inv, parts))
+            for i, idx in parts:
+                per_shard.setdefault(i, []).append(
+                    (r.table, uniq[idx], r.observe, r.ts, r.event, None if counts is None else counts[idx]))
+        got = self._call("pull_many", {i: (reqs,) for i, reqs in per_shard.items()})
+        taken = {i: iter(rows) for i, rows in got.items()}
+        out = []
+        for uniq, inv, parts in plans:
+            chunks = [(idx, next(taken[i])) for i, idx in parts]
+            dim = chunks[0][1].shape[1] if chunks else 0
+            weights = np.empty((len(uniq), dim), np.float32)
+            for idx, rows in chunks:
+                weights[idx] = rows
+            out.append(Pulled(weights, inv, uniq, parts))
+        self.fetch_s += time.perf_counter() - t0
+        return out
 
     def apply(self, table: str, pulled: Pulled, grads: np.ndarray) -> None:
         self._push("push_gradients", {i: (table, pulled.keys[idx], grads[idx]) for i, idx in pulled.ref})
@@ -302,9 +373,10 @@ class ShardedTables:
     def add(self, table: str, pulled: Pulled, deltas: np.ndarray, *, ts: float = 0.0, event: int = 0) -> None:
         self._push("push_deltas", {i: (table, pulled.keys[idx], deltas[idx], ts, event) for i, idx in pulled.ref})
 
-    def end_batch(self, tag: Any) -> None:
-        self._inflight.append((tag, self._issued))
-        self._issued = []
+    def end_batch(self, tag: Any = None) -> None:
+        sent = self._call_async("push_many", {i: (ops,) for i, ops in self._queued.items()})
+        self._queued = {}
+        self._inflight.append((tag, sent))
         while len(self._inflight) > self.max_staleness:
             self._settle()
 
@@ -313,8 +385,11 @@ class ShardedTables:
         if futures:
             import ray
 
+            t0 = time.perf_counter()
             ray.get(futures)  # raises if a shard died: the batch is not applied
-        self._done.append(tag)
+            self.settle_s += time.perf_counter() - t0
+        if tag is not None:
+            self._done.append(tag)
 
     def done(self) -> list:
         while self._inflight:
@@ -377,7 +452,7 @@ class ShardedTables:
     def restore(self, directory: str) -> None:
         self._call("restore", {i: (str(Path(directory) / f"shard-{i:04d}.pkl"),) for i in range(len(self.shards))})
 
-    def stats(self) -> list[dict[str, dict[str, Any]]]:
+    def stats(self) -> list[dict[str, Any]]:
         got = self._call("stats", {i: () for i in range(len(self.shards))})
         return [got[i] for i in range(len(self.shards))]
 

@@ -151,10 +151,14 @@ def unpack(batch: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
 
 
-def iter_events(source: ray.data.Dataset | ray.data.DataIterator) -> Iterator[pa.Table]:
+def iter_events(source: ray.data.Dataset | ray.data.DataIterator, prefetch: int = 0) -> Iterator[pa.Table]:
     """Flat tables of events from a log dataset or a shard of it (what
-    ``ray.train.get_dataset_shard`` returns), each chunk as soon as it arrives."""
-    for batch in source.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+    ``ray.train.get_dataset_shard`` returns), each chunk as soon as it arrives.
+
+    ``prefetch`` chunks are fetched ahead: faster through a log that is
+    already written, but each chunk waits for ``prefetch`` more, so a
+    stream that follows new events must use 0."""
+    for batch in source.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch):
         table = unpack(batch)
         if table.num_rows:  # Ray may emit an empty block when a read yields nothing
             yield table

@@ -11,6 +11,9 @@ Processes and what crosses between them::
         events, pull their rows, score (progressive), learn, push; then an
         all-reduce of dense gradients and of additive dense state (gloo/NCCL)
 
+``batch_size`` is per worker, as in DDP: a round learns up to W x batch_size
+events, and one worker with one shard learns exactly as the in-process learner.
+
 The **watermark** W: every event with offset < W is in the shards and in the
 dense weights. Ray Data hands blocks to workers dynamically, so one worker's
 offsets have gaps: each worker reports the offset intervals whose pushes are
@@ -56,11 +59,15 @@ class TrainConfig:
     #: identical); k > 1 lets each worker step alone and averages the
     #: parameters every k rounds (fewer collectives, slightly stale).
     sync_every: int = 1
-    #: Batches whose sparse pushes may be unacknowledged when the next is pulled (0: synchronous).
-    max_staleness: int = 0
+    #: Batches whose sparse pushes may be unacknowledged when the next is
+    #: pulled (0: synchronous). A shard runs a worker's calls in order, so a
+    #: worker always reads its own pushes; 1 overlaps a push with the next batch.
+    max_staleness: int = 1
     continuous: bool = False  # follow the log until stopped; else stop at its end (or max_events)
     poll_interval: float = 0.2  # seconds between looks at the log for new segments
-    block_rows: int = 1024  # rows per Ray Data block: small blocks reach workers sooner
+    #: Most rows per Ray Data block (a following stream sends what has
+    #: arrived); one block per batch keeps the per-block overhead low.
+    block_rows: int = 4096
     checkpoint_every_s: float = 30.0
     checkpoint_every_events: int | None = None
     keep_checkpoints: int = 3
@@ -200,7 +207,7 @@ class TorchDenseSync:
     """All-reduce through Ray Train's torch process group (gloo on CPU, NCCL on GPU).
 
     Per round: the dense gradients, weighted by each worker's events (so a
-    round equals one step on the union of the workers' batches), in one
+    round is one step on the union of the workers' batches), in one
     collective; then the additive dense state (numeric statistics, the wide
     part's numeric weights, global counts) as deltas since the last round,
     plus a few control numbers, in another.
@@ -407,8 +414,8 @@ def _worker(config: dict) -> None:
     ledger = open(paths.ledger / f"rank{rank}-{os.getpid()}-{time.time_ns()}.bin", "ab")
     applied = Applied(start)
     log = EventLog(paths.log, create=False) if rank == 0 else None
-    feeder = Feeder(iter_events(ray.train.get_dataset_shard("train")))
-    per_worker = max(1, job.learner.batch_size // world)
+    feeder = Feeder(iter_events(ray.train.get_dataset_shard("train"), prefetch=0 if tc.continuous else 2))
+    per_worker = job.learner.batch_size  # per worker, as in DDP: a round learns up to W x batch_size
     mine = _Progress()  # this worker's predictions since the last gather
     new_spans: list[tuple[int, int]] = []
     last_report = last_ckpt = time.monotonic()
@@ -456,9 +463,14 @@ def _worker(config: dict) -> None:
             "auc": float(auc_of(y, p)) if rank == 0 and len(y) > 1 else float("nan"),
             "watermark": int(applied.watermark),
             "stream_lag": int(log.end_offset - applied.watermark) if log is not None else 0,
-            "shard_rows": int(sum(t["rows"] for s in stats for t in s.values())),
-            "shard_bytes": int(sum(t["bytes"] for s in stats for t in s.values())),
+            "shard_rows": int(sum(t["rows"] for s in stats for t in s["tables"].values())),
+            "shard_bytes": int(sum(t["bytes"] for s in stats for t in s["tables"].values())),
+            # Seconds a shard spends serving one batched call (the rest of a call's time is the wire and the queue).
+            "shard_pull_s": sum(s["pull_s"] for s in stats) / max(sum(s["pulls"] for s in stats), 1),
+            "shard_push_s": sum(s["push_s"] for s in stats) / max(sum(s["pushes"] for s in stats), 1),
             "step_s": step_s / max(loss_n, 1),  # a batch's pull, learn and push
+            "fetch_s": store.fetch_s / max(loss_n, 1),  # a batch's wait for its rows
+            "settle_s": store.settle_s / max(loss_n, 1),  # a batch's wait for its pushes' acks
             "checkpoint_age_s": time.time() - ckpt_time,
             # Events applied twice (restores replay from a checkpoint), from every worker's ledger.
             "replayed": duplicates(read_ledger(paths.ledger)) if rank == 0 and final else 0,
@@ -493,12 +505,11 @@ def _worker(config: dict) -> None:
             if first_at is None:
                 first_at, first_events = time.time(), learner.events
             t = time.perf_counter()
-            res = learner.step(encode(table, job.spec), sync)
+            res = learner.step(encode(table, job.spec), sync, tag=intervals(offsets))
             step_s += time.perf_counter() - t
             last_at = time.time()
             loss_sum, loss_n = loss_sum + res.loss, loss_n + 1
             mine.extend(offsets, res.pred, res.label)
-            store.end_batch(intervals(offsets))
         elif world > 1:
             learner.idle_step(sync)
         settle()

@@ -18,7 +18,7 @@ import numpy as np
 
 from .embedding import EmbeddingTable, TableConfig
 from .features import Batch, FeatureSpec, tagged_keys
-from .ps import LocalStore, Store
+from .ps import Fetch, LocalStore, Store
 
 
 @dataclass(frozen=True)
@@ -118,10 +118,19 @@ class Wide:
                    zn, dense, f.alpha, f.beta, f.l1, f.l2, learn, out)
         return out
 
-    def step(self, batch: Batch, x: np.ndarray, ts: float = 0.0, event: int = 0) -> np.ndarray:
-        """Progressive probabilities for the batch, each event scored before it is learned."""
+    def lookup(self, batch: Batch, ts: float = 0.0, event: int = 0) -> tuple:
+        """The batch's keys with ``ptr`` (see :meth:`keys`) and the learning :class:`~olrec.ps.Fetch` of their rows."""
         keys, ptr = self.keys(batch)
-        pulled = self.store.fetch(self.TABLE, keys, observe=True, ts=ts, event=event)
+        return (keys, ptr), Fetch(self.TABLE, keys, observe=True, ts=ts, event=event)
+
+    def step(self, batch: Batch, x: np.ndarray, ts: float = 0.0, event: int = 0,
+             prefetched: tuple | None = None) -> np.ndarray:
+        """Progressive probabilities for the batch, each event scored before it is
+        learned. ``prefetched``: (lookup(), rows), fetched with other tables'."""
+        if prefetched is None:
+            found, request = self.lookup(batch, ts, event)
+            prefetched = (found, self.store.fetch_many([request])[0])
+        (keys, ptr), pulled = prefetched
         zn = pulled.weights.astype(np.float64)
         before = zn.copy()
         p = self._pass(ptr, pulled.inverse.astype(np.int64), x, batch.label, zn, self.dense, learn=True)

@@ -56,7 +56,7 @@ def test_sharded_rows_are_consistent_and_deltas_cover_changes(make_client) -> No
     dkeys, dweights, _ = client.deltas("emb", versions)
     assert sorted(dkeys.tolist()) == changed.tolist()
     np.testing.assert_array_equal(dweights[np.argsort(dkeys)], client.pull("emb", changed))
-    assert sum(s["emb"]["rows"] for s in client.stats()) == 200
+    assert sum(s["tables"]["emb"]["rows"] for s in client.stats()) == 200
 
 
 def test_counter_deltas_add_up(make_client) -> None:
