@@ -7,7 +7,7 @@ Processes and what crosses between them::
     driver ── creates the shard actors, the dataset and the TorchTrainer; waits
     shard actors (olrec.ps.LocalShard) ── per-id tables; numpy keys/rows in, rows out
     Ray Data read task (olrec.stream) ── follows the log, blocks of events with offsets
-    Train workers (this module's _worker) ── each round: take up to batch_size / W
+    Train workers (this module's _worker) ── each round: take up to batch_size
         events, pull their rows, score (progressive), learn, push; then an
         all-reduce of dense gradients and of additive dense state (gloo/NCCL)
 
