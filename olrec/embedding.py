@@ -7,6 +7,13 @@ with ``optimizer="none"``, so whatever holds embeddings holds them too.
 
 Row 0 is the *default row*: ids not yet admitted (seen fewer than
 ``admit_after`` times) share it, and it learns like any row.
+
+Memory per row: the weights and optimizer state (float32), an int64 version
+and the key (int64, kept once, in the :class:`~olrec.ids.IdMap`, whose slots
+add 8 to 16 bytes), plus the last-seen clocks only where a ttl needs them:
+``last_event`` (int64) with ``ttl_events``, ``last_ts`` (float64 seconds, so
+exact to well under a microsecond for unix times) with ``ttl_seconds``. Arrays
+grow by :func:`~olrec.ids.grown`: at most 25 % slack once a table is large.
 """
 
 from __future__ import annotations
@@ -16,10 +23,9 @@ from typing import Literal
 
 import numpy as np
 
-from .ids import IdMap
+from .ids import IdMap, grown
 
 Optimizer = Literal["adagrad", "adam", "sgd", "none"]
-_GROWTH = 1.5  # row arrays grow by half: memory follows the ids actually held
 
 
 @dataclass(frozen=True)
@@ -83,57 +89,76 @@ class EmbeddingTable:
     def __init__(self, cfg: TableConfig) -> None:
         self.cfg = cfg
         self._rng = np.random.default_rng(cfg.seed)
-        self._ids = IdMap()
+        self._ids = IdMap()  # holds the keys too: index r is row r, and index 0 (EMPTY) the default row
         # ids seen but not admitted yet: their sighting counts and clocks
-        self._set_pending(np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0))
+        self._set_pending(np.zeros(0, np.int64), np.zeros(0, np.int64))
         self.version = 0
         self.admissions = 0
         self.evictions = 0
         self._n = 1  # rows in use, the default row included
         self._alloc(16)
-        self.keys[0] = np.iinfo(np.int64).min
         self.weight[0] = self._init_rows(1)
 
     # -- storage ---------------------------------------------------------
     def _new_arrays(self, cap: int) -> dict[str, np.ndarray]:
-        """The per-row arrays (the one list of them), sized for ``cap`` rows."""
-        d = self.cfg.dim
+        """The per-row arrays (the one list of them), sized for ``cap`` rows.
+        The keys live in the id map; a clock is kept only for a ttl that reads it."""
+        c, d = self.cfg, self.cfg.dim
         arrays = {
             "weight": np.zeros((cap, d), np.float32),
-            "keys": np.zeros(cap, np.int64),
             "row_version": np.zeros(cap, np.int64),
-            "last_ts": np.zeros(cap, np.float64),
-            "last_event": np.zeros(cap, np.int64),
         }
-        if self.cfg.optimizer == "adagrad":
-            arrays["acc"] = np.full((cap, d), self.cfg.initial_accumulator, np.float32)
-        elif self.cfg.optimizer == "adam":
+        if c.ttl_seconds is not None:
+            arrays["last_ts"] = np.zeros(cap, np.float64)
+        if c.ttl_events is not None:
+            arrays["last_event"] = np.zeros(cap, np.int64)
+        if c.optimizer == "adagrad":
+            arrays["acc"] = np.full((cap, d), c.initial_accumulator, np.float32)
+        elif c.optimizer == "adam":
             arrays["m"] = np.zeros((cap, d), np.float32)
             arrays["v"] = np.zeros((cap, d), np.float32)
             arrays["step"] = np.zeros(cap, np.int64)
         return arrays
 
     def _alloc(self, cap: int) -> None:
-        first = not hasattr(self, "weight")
         for name, arr in self._new_arrays(cap).items():
-            if not first:  # growing: keep the rows in use
+            if hasattr(self, name):  # growing: keep the rows in use
                 arr[: self._n] = getattr(self, name)[: self._n]
             setattr(self, name, arr)
+
+    # pending state: the sighting count always, each clock only for the ttl that reads it
+    _PENDING = {"count": np.int32, "seen": np.float64, "event": np.int64}
+
+    def _pending_names(self) -> list[str]:
+        c = self.cfg
+        return ["count"] + ["seen"] * (c.ttl_seconds is not None) + ["event"] * (c.ttl_events is not None)
 
     def _grow_pending(self) -> None:
         need = self._pending.size
         if need > len(self._pending_count):
-            pad = int(need * _GROWTH) + 16 - len(self._pending_count)
-            self._pending_count = np.concatenate([self._pending_count, np.zeros(pad, np.int64)])
-            self._pending_seen = np.concatenate([self._pending_seen, np.zeros(pad, np.float64)])
-            self._pending_event = np.concatenate([self._pending_event, np.zeros(pad, np.int64)])
+            cap = grown(need)
+            for name in self._pending_names():
+                old = getattr(self, f"_pending_{name}")
+                new = np.zeros(cap, self._PENDING[name])
+                new[: len(old)] = old
+                setattr(self, f"_pending_{name}", new)
 
-    def _set_pending(self, keys: np.ndarray, count: np.ndarray, seen: np.ndarray, event: np.ndarray) -> None:
+    def _set_pending(self, keys: np.ndarray, count: np.ndarray, seen: np.ndarray | None = None,
+                     event: np.ndarray | None = None) -> None:
         self._pending = IdMap.from_keys(keys)
-        self._pending_count = count.astype(np.int64)
-        self._pending_seen = seen.astype(np.float64)
-        self._pending_event = event.astype(np.int64)
+        # counts saturate at admit_after (all that admission reads), so they fit 32 bits
+        count = np.minimum(count, self._count_cap)
+        given = {"count": count, "seen": seen, "event": event}
+        for name in self._pending_names():
+            arr = np.zeros(len(keys), self._PENDING[name])
+            if given[name] is not None:
+                arr[:] = given[name]
+            setattr(self, f"_pending_{name}", arr)
         self._grow_pending()
+
+    @property
+    def _count_cap(self) -> int:
+        return min(self.cfg.admit_after, np.iinfo(np.int32).max)
 
     def _array_names(self) -> list[str]:
         return list(self._new_arrays(0))
@@ -152,11 +177,15 @@ class EmbeddingTable:
         """Rows in use, the default row included: every row index is below this."""
         return self._n
 
+    @property
+    def keys(self) -> np.ndarray:
+        """The key of each row in use (a read-only view); the default row's is ``EMPTY``."""
+        return self._ids.by_index
+
     # -- lookup ----------------------------------------------------------
     def rows(self, keys: np.ndarray) -> np.ndarray:
         """Rows for ``keys`` without side effects; not-admitted ids map to the default row 0."""
-        r = self._ids.get(keys)
-        return np.where(r >= 0, r + 1, 0)
+        return self._ids.index(keys)  # a key's index in the map is its row
 
     def observe(self, keys: np.ndarray, ts: float = 0.0, event: int = 0, rows: np.ndarray | None = None) -> np.ndarray:
         """Count a sighting of each key (duplicates count), admit those that
@@ -172,9 +201,12 @@ class EmbeddingTable:
                 prow = self._pending.insert(fresh)
                 self._grow_pending()
                 self._pending_count[prow[prow >= before]] = 0
-                self._pending_count[prow] += fresh_counts
-                self._pending_seen[prow] = ts
-                self._pending_event[prow] = event
+                count = np.minimum(self._pending_count[prow] + fresh_counts, self._count_cap)
+                self._pending_count[prow] = count
+                if self.cfg.ttl_seconds is not None:
+                    self._pending_seen[prow] = ts
+                if self.cfg.ttl_events is not None:
+                    self._pending_event[prow] = event
                 admit = fresh[self._pending_count[prow] >= self.cfg.admit_after]
             else:
                 admit = fresh
@@ -184,16 +216,19 @@ class EmbeddingTable:
                 at = np.minimum(np.searchsorted(admit, keys[unheld]), admit.size - 1)
                 hit = admit[at] == keys[unheld]
                 rows[unheld[hit]] = first_new + at[hit]
-        held = rows > 0
-        self.last_ts[rows[held]] = ts
-        self.last_event[rows[held]] = event
+        if self.cfg.ttl_seconds is not None or self.cfg.ttl_events is not None:
+            held = rows[rows > 0]
+            if self.cfg.ttl_seconds is not None:
+                self.last_ts[held] = ts
+            if self.cfg.ttl_events is not None:
+                self.last_event[held] = event
         return rows
 
     def _admit(self, keys: np.ndarray) -> None:
         n_new = keys.size
         if self._n + n_new > len(self.weight):
-            self._alloc(int((self._n + n_new) * _GROWTH) + 16)
-        self._ids.insert(keys)  # rows numbered size.. in order: matches _n..
+            self._alloc(grown(self._n + n_new))
+        self._ids.insert(keys, unique=True)  # indices numbered _n.. in order: the new rows
         sl = slice(self._n, self._n + n_new)
         self.weight[sl] = self._init_rows(n_new)
         # Slots freed by expiry are reused: a new row starts with fresh optimizer state.
@@ -201,7 +236,6 @@ class EmbeddingTable:
             self.acc[sl] = self.cfg.initial_accumulator
         elif self.cfg.optimizer == "adam":
             self.m[sl], self.v[sl], self.step[sl] = 0.0, 0.0, 0
-        self.keys[sl] = keys
         self.version += 1
         self.row_version[sl] = self.version
         self._n += n_new
@@ -251,14 +285,14 @@ class EmbeddingTable:
 
     def held_keys(self) -> np.ndarray:
         """Keys of the admitted ids, in row order."""
-        return self.keys[1 : self._n].copy()
+        return self.keys[1:].copy()
 
     # -- serving and housekeeping ------------------------------------------
     def deltas(self, since_version: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(keys, weights, version) of rows changed after ``since_version``.
         The default row comes with key ``EMPTY`` (int64 min)."""
         changed = np.flatnonzero(self.row_version[: self._n] > since_version)
-        return self.keys[changed].copy(), self.weight[changed].copy(), self.version
+        return self.keys[changed], self.weight[changed], self.version  # fancy indexing copies
 
     def expire(self, now_ts: float = 0.0, now_event: int = 0) -> int:
         """Evict rows unseen for ``ttl_events`` events or ``ttl_seconds`` seconds; returns how many."""
@@ -277,45 +311,52 @@ class EmbeddingTable:
             for name in self._array_names():
                 arr = getattr(self, name)
                 arr[: keep.size] = arr[keep]
+            kept = self.keys[keep[1:]]
             self._n = keep.size
-            self._ids = IdMap.from_keys(self.keys[1 : self._n])
+            self._ids = IdMap.from_keys(kept)
             self.evictions += n_old
             self.version += 1
         if c.admit_after > 1 and self._pending.size:
-            pk, prow = self._pending.items()
-            live = self._ids.get(pk) < 0  # admitted ids leave the pending set
+            pk, _ = self._pending.items()
+            m = pk.size
+            live = self._ids.index(pk) == 0  # admitted ids leave the pending set
             if c.ttl_events is not None:
-                live &= self._pending_event[prow] >= now_event - c.ttl_events
+                live &= self._pending_event[:m] >= now_event - c.ttl_events
             if c.ttl_seconds is not None:
-                live &= self._pending_seen[prow] >= now_ts - c.ttl_seconds
-            self._set_pending(pk[live], self._pending_count[prow][live],
-                              self._pending_seen[prow][live], self._pending_event[prow][live])
+                live &= self._pending_seen[:m] >= now_ts - c.ttl_seconds
+            self._set_pending(pk[live], **{n: getattr(self, f"_pending_{n}")[:m][live] for n in self._pending_names()})
         return n_old
 
     @property
     def nbytes(self) -> int:
+        """Bytes of everything the table holds: row arrays at capacity, the id map, the pending set."""
         arrays = sum(getattr(self, n).nbytes for n in self._array_names())
-        pending = self._pending.nbytes + self._pending_count.nbytes + self._pending_seen.nbytes + self._pending_event.nbytes
+        pending = self._pending.nbytes + sum(getattr(self, f"_pending_{n}").nbytes for n in self._pending_names())
         return arrays + self._ids.nbytes + pending
 
     def stats(self) -> TableStats:
         pk, _ = self._pending.items()
-        pending = int((self._ids.get(pk) < 0).sum()) if pk.size else 0  # admitted ids linger until expire()
+        pending = int((self._ids.index(pk) == 0).sum()) if pk.size else 0  # admitted ids linger until expire()
         return TableStats(self.cfg.name, len(self), pending, self.nbytes,
                           self.admissions, self.evictions, self.version)
 
     # -- state -------------------------------------------------------------
     def state_dict(self) -> dict:
-        """A self-contained copy of the table (arrays trimmed to the rows held)."""
-        pk, prow = self._pending.items()
-        return {
+        """A self-contained copy of the table (arrays trimmed to the rows held).
+        A clock (``last_ts``, ``last_event`` and their pending twins) is there
+        only where the table keeps it: where its ttl is set."""
+        pk, _ = self._pending.items()
+        m = pk.size
+        state = {
             "config": asdict(self.cfg),
-            "arrays": {n: getattr(self, n)[: self._n].copy() for n in self._array_names()},
-            "pending_keys": pk, "pending_count": self._pending_count[prow].copy(),
-            "pending_seen": self._pending_seen[prow].copy(), "pending_event": self._pending_event[prow].copy(),
+            "arrays": {"keys": self.keys.copy(), **{n: getattr(self, n)[: self._n].copy() for n in self._array_names()}},
+            "pending_keys": pk, "pending_count": self._pending_count[:m].astype(np.int64),
             "counters": {"version": self.version, "admissions": self.admissions, "evictions": self.evictions},
             "rng": self._rng.bit_generator.state,
         }
+        for name in self._pending_names()[1:]:
+            state[f"pending_{name}"] = getattr(self, f"_pending_{name}")[:m].copy()
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "EmbeddingTable":
@@ -324,10 +365,12 @@ class EmbeddingTable:
         n = len(arrays["weight"])
         t._alloc(n + 16)  # before _n moves: _alloc copies the first _n rows
         t._n = n
-        for n, a in arrays.items():
-            getattr(t, n)[: t._n] = a
-        t._ids = IdMap.from_keys(t.keys[1 : t._n])
-        t._set_pending(state["pending_keys"], state["pending_count"], state["pending_seen"], state["pending_event"])
+        for name in t._array_names():  # arrays the table doesn't keep (an untracked clock) are ignored
+            if name in arrays:
+                getattr(t, name)[:n] = arrays[name]
+        t._ids = IdMap.from_keys(arrays["keys"][1:n])
+        t._set_pending(state["pending_keys"], state["pending_count"],
+                       state.get("pending_seen"), state.get("pending_event"))
         for k, v in state["counters"].items():
             setattr(t, k, v)
         t._rng.bit_generator.state = state["rng"]

@@ -4,8 +4,13 @@
 keys, vectorised with numpy so a batch of ids costs a few array passes rather
 than a Python loop. Every distinct key gets its own row: probing compares the
 stored key, so two ids never share a row (unlike hashing ids into a fixed-size
-table). Memory is two int64 arrays at load factor <= 1/2, so about 32 bytes per
-id; it doubles as ids arrive.
+table).
+
+Memory: the keys are stored once, densely in row order (8 bytes each, plus
+the growth slack of :func:`grown`), and the slot table holds only a 4-byte
+index into them, at load factor <= 1/2: 8 to 16 bytes of slots per key. So
+about 20 bytes per id in all; a table of rows keyed by the map can use the
+map's key array as its own (:attr:`IdMap.by_index`) rather than keep a copy.
 """
 
 from __future__ import annotations
@@ -55,104 +60,151 @@ def unique_small(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray
     return uniq, rank[values]
 
 
+def grown(need: int) -> int:
+    """A capacity for ``need`` items when an array must grow: half again while
+    small, a quarter once large, so big tables carry at most 25 % slack and
+    each item is still copied only a few times over all the growth."""
+    return need + max(16, need // 2 if need < 1 << 16 else need // 4)
+
+
 class IdMap:
-    """int64 key → row index in [0, size), assigned in first-seen order."""
+    """int64 key → row index in [0, size), assigned in first-seen order.
+
+    Storage: ``_keys[0]`` is ``EMPTY`` (a sentinel) and ``_keys[r + 1]`` the key
+    of row ``r``; the slot table ``_slots`` holds ``r + 1`` for the key placed
+    in a slot and 0 for an empty slot, which so points at the sentinel. A probe
+    reads a slot and the key it points to; no key equals ``EMPTY``, so an
+    empty slot ends the probe. ``r + 1`` is the key's *index* (:meth:`index`,
+    :attr:`by_index`): index 0 means absent.
+    """
 
     def __init__(self, capacity: int = 1024) -> None:
-        cap = 1 << max(4, int(np.ceil(np.log2(max(capacity, 2) * 2))))
-        self._keys = np.full(cap, EMPTY, np.int64)
-        self._vals = np.full(cap, -1, np.int64)
-        self._bits = int(np.log2(cap))
+        capacity = max(int(capacity), 0)
         self.size = 0
+        self._keys = np.full(capacity + 1, EMPTY, np.int64)
+        self._new_slots(capacity)
+
+    def _new_slots(self, n: int) -> None:
+        """An empty slot table for ``n`` keys at load factor <= 1/2."""
+        bits = max(4, (max(n, 1) * 2 - 1).bit_length())  # smallest power of two >= 2n, 16 at least
+        self._bits = bits
+        # 4-byte indices while they fit (all but tables of 2**31 ids)
+        self._slots = np.zeros(1 << bits, np.int32 if n < 2**31 - 1 else np.int64)
 
     @property
     def capacity(self) -> int:
-        return len(self._keys)
+        """Slots in the hash table (at least twice :attr:`size`)."""
+        return len(self._slots)
 
     @property
     def nbytes(self) -> int:
-        return self._keys.nbytes + self._vals.nbytes
+        return self._slots.nbytes + self._keys.nbytes
+
+    @property
+    def by_index(self) -> np.ndarray:
+        """Keys by index (row + 1), read-only: ``EMPTY`` at 0, then the keys in row order."""
+        v = self._keys[: self.size + 1]
+        v.flags.writeable = False
+        return v
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
         # Fibonacci hashing: the high bits of key * golden ratio spread
         # sequential ids evenly over the slots.
-        h = keys.astype(np.uint64) * _GOLDEN  # array integer overflow wraps, silently
+        h = keys.view(np.uint64) * _GOLDEN  # array integer overflow wraps, silently
         return (h >> np.uint64(64 - self._bits)).astype(np.int64)
 
     def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For unique ``keys``: the slot holding each key, or the first empty slot on its probe path."""
-        mask = self.capacity - 1
+        """For 1-D ``keys`` (duplicates allowed): the slot holding each key, or
+        the first empty slot on its probe path, and that slot's index (0: absent)."""
         slots = self._home(keys)
-        found = np.zeros(len(keys), bool)
-        pending = np.arange(len(keys))
+        idx = self._slots[slots]
+        # most keys settle at their home slot: probe on only the others
+        pending = np.flatnonzero((self._keys[idx] != keys) & (idx != 0))
+        mask = len(self._slots) - 1
         while pending.size:
-            s = slots[pending]
-            stored = self._keys[s]
-            hit = stored == keys[pending]
-            found[pending[hit]] = True
-            cont = ~hit & (stored != EMPTY)
-            slots[pending[cont]] = (s[cont] + 1) & mask
-            pending = pending[cont]
-        return slots, found
+            s = (slots[pending] + 1) & mask
+            slots[pending] = s
+            i = self._slots[s]
+            idx[pending] = i
+            pending = pending[(self._keys[i] != keys[pending]) & (i != 0)]
+        return slots, idx
+
+    def index(self, keys: np.ndarray) -> np.ndarray:
+        """Indices (row + 1) for ``keys`` (any shape, duplicates allowed); 0 where absent."""
+        keys = np.asarray(keys, np.int64)
+        _, idx = self._find(keys.ravel())
+        return idx.astype(np.int64, copy=False).reshape(keys.shape)
 
     def get(self, keys: np.ndarray) -> np.ndarray:
         """Rows for ``keys`` (any shape, duplicates allowed); -1 where absent."""
         keys = np.asarray(keys, np.int64)
-        slots, found = self._find(keys.ravel())  # probing handles duplicates; no sort needed
-        return np.where(found, self._vals[slots], -1).reshape(keys.shape)
+        _, idx = self._find(keys.ravel())  # probing handles duplicates; no sort needed
+        return np.subtract(idx, 1, dtype=np.int64).reshape(keys.shape)
 
-    def insert(self, keys: np.ndarray) -> np.ndarray:
-        """Rows for ``keys``, adding the absent ones with new rows in first-seen order."""
+    def insert(self, keys: np.ndarray, unique: bool = False) -> np.ndarray:
+        """Rows for ``keys``, adding the absent ones with new rows in first-seen
+        order (pass ``unique=True`` when the caller knows there are no duplicates)."""
         keys = np.asarray(keys, np.int64)
         if (keys == EMPTY).any():
             raise ValueError(f"id {EMPTY} is reserved and cannot be stored")
-        uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-        slots, found = self._find(uniq)
-        out = np.where(found, self._vals[slots], -1)
-        new = np.flatnonzero(~found)
-        if new.size:
-            # New rows are numbered in the order the keys first appear in the batch.
-            new = new[np.argsort(first[new], kind="stable")]
-            if (self.size + new.size) * 2 > self.capacity:
-                self._grow(self.size + new.size)
-            rows = np.arange(self.size, self.size + new.size)
-            self._place(uniq[new], rows)
-            out[new] = rows
-            self.size += new.size
-        return out[inv].reshape(keys.shape)
+        flat = keys.ravel()
+        _, idx = self._find(flat)
+        rows = np.subtract(idx, 1, dtype=np.int64)
+        absent = np.flatnonzero(idx == 0)
+        if absent.size and unique:
+            rows[absent] = np.arange(self.size, self.size + absent.size)
+            self._append(flat[absent])
+        elif absent.size:
+            # only the absent keys are sorted: new rows follow first sight in the batch
+            uniq, first, inv = np.unique(flat[absent], return_index=True, return_inverse=True)
+            seen = np.zeros(absent.size, bool)
+            seen[first] = True
+            rank = (np.cumsum(seen) - 1)[first]  # of each unique key in first-seen order
+            order = np.empty_like(rank)
+            order[rank] = np.arange(rank.size)
+            rows[absent] = self.size + rank[inv.ravel()]
+            self._append(uniq[order])
+        return rows.reshape(keys.shape)
 
-    def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Write absent unique ``keys`` with ``rows``; two keys racing for one empty slot retry."""
+    def _append(self, keys: np.ndarray) -> None:
+        """Give unique absent ``keys`` the next rows, in order."""
+        n = self.size + keys.size
+        if n + 1 > len(self._keys):
+            k = np.full(grown(n) + 1, EMPTY, np.int64)
+            k[: self.size + 1] = self._keys[: self.size + 1]
+            self._keys = k
+        self._keys[self.size + 1 : n + 1] = keys
+        idx = np.arange(self.size + 1, n + 1)
+        self.size = n
+        if n * 2 > len(self._slots) or (n >= 2**31 - 1 and self._slots.dtype == np.int32):
+            self._new_slots(n)  # rehash every key, the new ones with them
+            self._place(self._keys[1 : n + 1], np.arange(1, n + 1))
+        else:
+            self._place(keys, idx)
+
+    def _place(self, keys: np.ndarray, idx: np.ndarray) -> None:
+        """Put unique absent ``keys`` in empty slots, pointing at ``idx``."""
+        mask = len(self._slots) - 1
         while keys.size:
-            slots, _ = self._find(keys)
-            _, winner = np.unique(slots, return_index=True)
-            self._keys[slots[winner]] = keys[winner]
-            self._vals[slots[winner]] = rows[winner]
-            lose = np.ones(keys.size, bool)
-            lose[winner] = False
-            keys, rows = keys[lose], rows[lose]
-
-    def _grow(self, need: int) -> None:
-        live = self._keys != EMPTY
-        keys, vals = self._keys[live], self._vals[live]
-        cap = self.capacity
-        while need * 2 > cap:
-            cap *= 2
-        self._keys = np.full(cap, EMPTY, np.int64)
-        self._vals = np.full(cap, -1, np.int64)
-        self._bits = int(np.log2(cap))
-        self._place(keys, vals)
+            slots = self._home(keys)
+            pending = np.flatnonzero(self._slots[slots] != 0)
+            while pending.size:  # walk to the first empty slot; no key compare needed
+                s = (slots[pending] + 1) & mask
+                slots[pending] = s
+                pending = pending[self._slots[s] != 0]
+            # keys racing for one empty slot: the last write wins, the others retry
+            self._slots[slots] = idx
+            lose = self._slots[slots] != idx
+            keys, idx = keys[lose], idx[lose]
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """All (keys, rows), ordered by row."""
-        live = self._keys != EMPTY
-        keys, vals = self._keys[live], self._vals[live]
-        order = np.argsort(vals)
-        return keys[order], vals[order]
+        return self._keys[1 : self.size + 1].copy(), np.arange(self.size)
 
     @classmethod
     def from_keys(cls, keys: np.ndarray) -> "IdMap":
         """A map giving ``keys[i]`` row ``i`` (keys must be unique)."""
+        keys = np.asarray(keys, np.int64)
         m = cls(capacity=len(keys))
-        m.insert(np.asarray(keys, np.int64))
+        m.insert(keys)
         return m

@@ -421,6 +421,89 @@ def test_stats_pending_excludes_admitted_ids():
     assert t.stats().pending == 1  # only id 2 is still waiting
 
 
+# -- memory -----------------------------------------------------------------------
+
+
+def _allocated_bytes(obj, seen=None) -> int:
+    """Bytes of every numpy array reachable through ``obj``'s attributes (id maps included)."""
+    from olrec.ids import IdMap
+
+    seen = set() if seen is None else seen
+    total = 0
+    for v in vars(obj).values():
+        if isinstance(v, np.ndarray) and id(v) not in seen:
+            seen.add(id(v))
+            total += v.nbytes
+        elif isinstance(v, IdMap):
+            total += _allocated_bytes(v, seen)
+    return total
+
+
+@pytest.mark.parametrize("ttl", [{}, {"ttl_events": 10**6, "ttl_seconds": 3600.0}], ids=["no-ttl", "ttl"])
+def test_bytes_per_row_at_most_twice_the_raw_row(ttl):
+    """A shard table at the default config (dim 16, Adagrad) holds a row in at
+    most 2x its raw bytes (weights + optimizer state), at every size on the way
+    to 200k rows of random 64-bit keys: growth slack, the id map and the
+    per-row metadata included."""
+    cfg = TableConfig(name="sparse", **ttl)
+    assert (cfg.dim, cfg.optimizer, cfg.admit_after) == (16, "adagrad", 1)
+    raw = cfg.dim * 4 * (1 + cfg.slots)
+    t = EmbeddingTable(cfg)
+    keys = np.random.default_rng(0).integers(-(2**62), 2**62, 200_000)
+    worst = 0.0
+    for at in range(0, len(keys), 5_000):
+        t.observe(keys[at : at + 5_000], ts=1.7e9 + at, event=at)
+        if len(t) >= 50_000:
+            worst = max(worst, t.nbytes / len(t))
+            assert t.nbytes >= _allocated_bytes(t)  # nbytes counts everything the table allocates
+    assert len(t) == len(np.unique(keys))
+    assert worst <= 2 * raw, f"{worst:.1f} bytes per row > 2 x {raw}"
+
+
+def test_clocks_are_kept_only_for_the_ttl_that_reads_them():
+    assert not hasattr(table(), "last_ts") and not hasattr(table(), "last_event")
+    t = table(ttl_events=5)
+    assert hasattr(t, "last_event") and not hasattr(t, "last_ts")
+    t = table(ttl_seconds=5.0)
+    assert hasattr(t, "last_ts") and not hasattr(t, "last_event")
+    # a table without ttl still observes, and expiry is a no-op
+    t = table(dim=2, admit_after=2)
+    t.observe(np.array([1, 1, 2]), ts=5.0, event=5)
+    assert t.expire(now_ts=1e12, now_event=10**12) == 0 and len(t) == 1 and t.stats().pending == 1
+
+
+def test_state_dict_with_clocks_the_table_does_not_keep_loads():
+    """A state holding every clock (as tables kept them before) restores into a
+    table that keeps none of them."""
+    t = table(dim=3, admit_after=2, init_std=0.1)
+    t.observe(np.array([1, 1, 2, 3, 3]))
+    s = t.state_dict()
+    n, m = len(s["arrays"]["weight"]), len(s["pending_keys"])
+    s["arrays"]["last_ts"], s["arrays"]["last_event"] = np.zeros(n), np.zeros(n, np.int64)
+    s["pending_seen"], s["pending_event"] = np.zeros(m), np.zeros(m, np.int64)
+    clone = EmbeddingTable.from_state_dict(s)
+    _assert_same(t, clone, [1, 2, 3, 4])
+    assert clone.observe(np.array([2]))[0] > 0  # its pending count (1) survived
+
+
+def test_keys_are_a_read_only_view_of_the_id_map():
+    t = table(dim=2)
+    t.observe(np.array([10, 20]))
+    assert t.keys.tolist() == [EMPTY, 10, 20]
+    with pytest.raises(ValueError):
+        t.keys[1] = 30
+    np.testing.assert_array_equal(t.held_keys(), [10, 20])
+    assert t.state_dict()["arrays"]["keys"].tolist() == [EMPTY, 10, 20]
+
+
+def test_pending_counts_saturate_without_changing_admission():
+    t = table(dim=2, admit_after=4)
+    assert t.observe(np.full(3, 7)).tolist() == [0, 0, 0]
+    r = t.observe(np.full(10, 7))  # 13 sightings in all: admitted, as ever
+    assert (r > 0).all() and len(set(r.tolist())) == 1
+    assert t.state_dict()["pending_count"].dtype == np.int64
+
+
 # -- config validation ------------------------------------------------------------
 
 

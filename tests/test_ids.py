@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from olrec.ids import EMPTY, IdMap, hash_strings
+from olrec.ids import EMPTY, IdMap, grown, hash_strings
 
 I64_MIN = int(np.iinfo(np.int64).min)
 I64_MAX = int(np.iinfo(np.int64).max)
@@ -182,3 +182,47 @@ def test_tag_out_of_range_is_refused() -> None:
 
     with pytest.raises(ValueError, match="tag"):
         tag_keys(np.array([1]), 128)
+
+
+def test_index_is_row_plus_one_and_by_index_holds_the_keys():
+    m = IdMap(capacity=2)
+    m.insert(np.array([5, 6, 5, 7]))
+    assert m.index(np.array([[6, 9], [5, 7]])).tolist() == [[2, 0], [1, 3]]
+    assert m.by_index.tolist() == [EMPTY, 5, 6, 7]
+    with pytest.raises(ValueError):
+        m.by_index[1] = 8  # read-only: the map's own keys
+    assert m.get(np.array([6, 9])).tolist() == [1, -1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(valid_key, unique=True, max_size=60), st.lists(valid_key, unique=True, max_size=60))
+def test_insert_unique_flag_gives_the_same_rows(first, second):
+    a, b = IdMap(capacity=1), IdMap(capacity=1)
+    a.insert(np.array(first, np.int64))
+    b.insert(np.array(first, np.int64), unique=True)
+    np.testing.assert_array_equal(a.insert(np.array(second, np.int64)),
+                                  b.insert(np.array(second, np.int64), unique=True))
+    np.testing.assert_array_equal(a.items()[0], b.items()[0])
+
+
+def test_memory_per_key_stays_small_through_growth():
+    """Keys stored once (8 bytes, <= 25 % slack once large) and 4-byte slots at
+    load <= 1/2: under 28 bytes per key at every size on the way."""
+    rng = np.random.default_rng(0)
+    keys = rng.integers(-(2**62), 2**62, 300_000)
+    m = IdMap()
+    worst = 0.0
+    for chunk in np.array_split(keys, 60):
+        m.insert(chunk)
+        if m.size >= 20_000:
+            worst = max(worst, m.nbytes / m.size)
+            assert m.capacity >= 2 * m.size
+    assert worst < 28, worst
+    np.testing.assert_array_equal(m.get(keys), np.arange(len(keys)))
+
+
+def test_grown_slack():
+    for n in (0, 1, 100, 60_000):
+        assert grown(n) >= max(n * 3 // 2, n + 16)
+    for n in (1 << 16, 10**6, 10**9):
+        assert n < grown(n) <= n * 5 // 4
