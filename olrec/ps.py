@@ -233,15 +233,18 @@ class LocalShard:
         self._load["pushes"] += 1
         self._load["push_s"] += time.perf_counter() - t0
 
-    def push_gradients(self, table: str, keys: np.ndarray, grads: np.ndarray) -> None:
-        """One optimizer step (gradients of duplicate keys and of ids sharing the default row are summed)."""
+    def push_gradients(self, table: str, keys: np.ndarray, grads: np.ndarray, unique: bool = False) -> None:
+        """One optimizer step (gradients of duplicate keys and of ids sharing the
+        default row are summed). ``unique``: the keys are distinct (no sort needed
+        to find duplicates, unless ids not admitted share the default row)."""
         t = self._table(table)
-        t.apply_gradients(t.rows(keys), grads)
+        t.apply_gradients(t.rows(keys), grads, unique=unique and t.cfg.admit_after == 1)
 
-    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray, ts: float = 0.0, event: int = 0) -> None:
+    def push_deltas(self, table: str, keys: np.ndarray, deltas: np.ndarray, ts: float = 0.0, event: int = 0,
+                    unique: bool = False) -> None:
         """Add to the rows (counters, the wide part's state); unseen keys are admitted first."""
         t = self._table(table)
-        t.add(t.observe(keys, ts, event), deltas)
+        t.add(t.observe(keys, ts, event), deltas, unique=unique and t.cfg.admit_after == 1)
 
     def expire(self, ts: float, event: int) -> int:
         """Evict idle rows of every table (their ``ttl_*``); returns how many."""
@@ -309,10 +312,13 @@ class ShardedTables:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
         self._remote = hasattr(self.shards[0].pull, "remote")
         self._queued: dict[int, list] = {}  # this batch's pushes, per shard
-        self._inflight: deque = deque()  # (tag, futures) of earlier batches
+        self._inflight: deque = deque()  # (tag, futures, sent at) of earlier batches
         self._done: list = []
         self.fetch_s = 0.0  # time spent fetching rows (the wire and the shards' queues included)
         self.settle_s = 0.0  # time spent waiting for pushes to be acknowledged
+        #: Seconds per batched fetch, and from sending a batch's pushes to their ack
+        #: (an upper bound when acks are collected late); drained by the caller.
+        self.latencies: dict[str, list[float]] = {"pull": [], "push": []}
 
     def _call_async(self, method: str, per_shard: Mapping[int, tuple]) -> list:
         """Futures of remote calls (none: local shards run the calls now)."""
@@ -364,30 +370,33 @@ class ShardedTables:
             for idx, rows in chunks:
                 weights[idx] = rows
             out.append(Pulled(weights, inv, uniq, parts))
-        self.fetch_s += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.fetch_s += took
+        self.latencies["pull"].append(took)
         return out
 
     def apply(self, table: str, pulled: Pulled, grads: np.ndarray) -> None:
-        self._push("push_gradients", {i: (table, pulled.keys[idx], grads[idx]) for i, idx in pulled.ref})
+        self._push("push_gradients", {i: (table, pulled.keys[idx], grads[idx], True) for i, idx in pulled.ref})
 
     def add(self, table: str, pulled: Pulled, deltas: np.ndarray, *, ts: float = 0.0, event: int = 0) -> None:
-        self._push("push_deltas", {i: (table, pulled.keys[idx], deltas[idx], ts, event) for i, idx in pulled.ref})
+        self._push("push_deltas", {i: (table, pulled.keys[idx], deltas[idx], ts, event, True) for i, idx in pulled.ref})
 
     def end_batch(self, tag: Any = None) -> None:
         sent = self._call_async("push_many", {i: (ops,) for i, ops in self._queued.items()})
         self._queued = {}
-        self._inflight.append((tag, sent))
+        self._inflight.append((tag, sent, time.perf_counter()))
         while len(self._inflight) > self.max_staleness:
             self._settle()
 
     def _settle(self) -> None:
-        tag, futures = self._inflight.popleft()
+        tag, futures, sent_at = self._inflight.popleft()
         if futures:
             import ray
 
             t0 = time.perf_counter()
             ray.get(futures)  # raises if a shard died: the batch is not applied
             self.settle_s += time.perf_counter() - t0
+            self.latencies["push"].append(time.perf_counter() - sent_at)
         if tag is not None:
             self._done.append(tag)
 

@@ -335,16 +335,33 @@ class Feeder:
 
 @dataclass
 class _Progress:
-    """Progressive predictions gathered on rank 0, by offset."""
+    """Progressive predictions gathered on rank 0, by offset; the newest
+    ``keep`` events' (a continuous run's memory stays bounded)."""
 
     offsets: list = field(default_factory=list)
     preds: list = field(default_factory=list)
     labels: list = field(default_factory=list)
+    keep: int = 5_000_000
+    _rows: int = 0
 
     def extend(self, o: np.ndarray, p: np.ndarray, y: np.ndarray) -> None:
         self.offsets.append(o)
         self.preds.append(p)
         self.labels.append(y)
+        self._rows += len(o)
+        if self._rows > 2 * self.keep:
+            o, p, y = self.arrays()
+            self.offsets, self.preds, self.labels = [o[-self.keep:]], [p[-self.keep:]], [y[-self.keep:]]
+            self._rows = len(self.offsets[0])
+
+    def recent_auc(self, n: int) -> float:
+        """AUC of about the newest ``n`` scores (the live figure: no sort of the whole run)."""
+        k, have = len(self.preds), 0
+        while k > 0 and have < n:
+            k -= 1
+            have += len(self.preds[k])
+        p, y = np.concatenate(self.preds[k:] or [np.zeros(0)]), np.concatenate(self.labels[k:] or [np.zeros(0)])
+        return float(auc_of(y, p)) if len(y) > 1 else float("nan")
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.offsets:
@@ -357,6 +374,7 @@ class _Progress:
         o, p, y = o[order], p[order], y[order]
         last = np.r_[o[1:] != o[:-1], True]
         self.offsets, self.preds, self.labels = [o[last]], [p[last]], [y[last]]
+        self._rows = int(last.sum())
         return o[last], p[last], y[last]
 
 
@@ -368,6 +386,7 @@ def _worker(config: dict) -> None:
     from .log import EventLog
     from .ps import ShardedTables
     from .stream import iter_events
+    from .telemetry import TrainMetrics
 
     job: TrainJob = config["job"]
     tc = job.train
@@ -414,7 +433,9 @@ def _worker(config: dict) -> None:
     ledger = open(paths.ledger / f"rank{rank}-{os.getpid()}-{time.time_ns()}.bin", "ab")
     applied = Applied(start)
     log = EventLog(paths.log, create=False) if rank == 0 else None
-    feeder = Feeder(iter_events(ray.train.get_dataset_shard("train"), prefetch=0 if tc.continuous else 2))
+    # Rank 0 reports for the run (its learner's counts are the merged ones).
+    telemetry = TrainMetrics({"run": paths.root.name}, events_start=learner.events) if rank == 0 else None
+    feeder = Feeder(iter_events(ray.train.get_dataset_shard("train"), prefetch=job.prefetch))
     per_worker = job.learner.batch_size  # per worker, as in DDP: a round learns up to W x batch_size
     mine = _Progress()  # this worker's predictions since the last gather
     new_spans: list[tuple[int, int]] = []
@@ -452,7 +473,11 @@ def _worker(config: dict) -> None:
     def report(final: bool) -> None:
         nonlocal last_report, metrics
         now = time.monotonic()
-        o, p, y = progress.arrays() if rank == 0 else (None, None, None)
+        if rank == 0 and final:
+            o, p, y = progress.arrays()
+            score = float(auc_of(y, p)) if len(y) > 1 else float("nan")
+        else:  # the live figure: the newest scores only (sorting a long run's every second would cost)
+            score = progress.recent_auc(100_000) if rank == 0 else float("nan")
         stats = store.stats() if rank == 0 else []
         metrics = {
             "events_trained": int(learner.events),
@@ -460,7 +485,7 @@ def _worker(config: dict) -> None:
             "events_per_s": (learner.events - first_events) / max(last_at - first_at, 1e-9) if first_at else 0.0,
             "first_batch_at": first_at,
             "loss": loss_sum / max(loss_n, 1),
-            "auc": float(auc_of(y, p)) if rank == 0 and len(y) > 1 else float("nan"),
+            "auc": score,  # progressive: the whole run's at the end, the newest 100k events' before
             "watermark": int(applied.watermark),
             "stream_lag": int(log.end_offset - applied.watermark) if log is not None else 0,
             "shard_rows": int(sum(t["rows"] for s in stats for t in s["tables"].values())),
@@ -477,9 +502,14 @@ def _worker(config: dict) -> None:
             "refused_checkpoints": refused,
             "final": final,
         }
-        if rank == 0:
+        if telemetry is not None:
             _publish(paths.published, learner, applied.watermark)
             _write_json(paths.metrics, metrics)
+            telemetry.record(metrics)
+            for kind, values in store.latencies.items():
+                for v in values:
+                    telemetry.observe(f"{kind}_latency_s", v)
+        store.latencies = {"pull": [], "push": []}
         last_report = now
         # Not ray.train.report: it is a barrier that costs about 2 s in Ray
         # 2.60, and olrec keeps its own checkpoints. Metrics go to the Ray
@@ -586,6 +616,9 @@ class TrainJob:
     train: TrainConfig
     run_dir: str
     shards: tuple
+    #: Blocks a worker fetches ahead. Only for a log already written up to the
+    #: end: a prefetching iterator holds each block until more arrive.
+    prefetch: int = 0
 
 
 class _ResumeAt:
@@ -634,7 +667,8 @@ def train(spec: FeatureSpec, learner: LearnerConfig, tc: TrainConfig, run_dir: s
     try:
         ds = log_dataset(str(paths.log), start=_ResumeAt(paths.checkpoints), end=None if tc.continuous else end,
                          poll_interval=tc.poll_interval, stop_file=str(paths.stop_file), block_rows=tc.block_rows)
-        job = TrainJob(spec, learner, tc, str(paths.root), shards)
+        complete = not tc.continuous and end is not None and log.end_offset >= end
+        job = TrainJob(spec, learner, tc, str(paths.root), shards, prefetch=2 if complete else 0)
         trainer = TorchTrainer(
             _worker, train_loop_config={"job": job},
             scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,

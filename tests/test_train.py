@@ -166,13 +166,24 @@ def synthetic(n: int) -> pa.Table:
 
 
 class Background:
-    """``train`` on a thread (the test process is the driver), its result or error kept."""
+    """``train`` on a thread (the test process is the driver), its result or error kept.
+    Leaving the ``with`` block on an error stops the run (its stop file), so a
+    failed test leaves no trainer holding the session cluster's CPUs."""
 
     def __init__(self, *args, **kwargs) -> None:
         self.result: dict | None = None
         self.error: BaseException | None = None
+        self._run_dir = Path(args[3])
         self._t = threading.Thread(target=self._run, args=args, kwargs=kwargs, daemon=True)
         self._t.start()
+
+    def __enter__(self) -> "Background":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is not None:
+            (self._run_dir / "STOP").touch()
+            self._t.join(120)
 
     def _run(self, *args, **kwargs) -> None:
         try:
@@ -248,14 +259,14 @@ def _kill_mid_run(tmp_path: Path, kill) -> tuple[dict, int, int]:
     events = synthetic(24_000)
     fill(tmp_path, events.slice(0, 12_000))
     tc = TrainConfig(checkpoint_every_events=5_000, checkpoint_every_s=3600, report_every_s=0.2, max_failures=3)
-    run = Background(SYN_SPEC, LearnerConfig(batch_size=1000), tc, tmp_path, end=24_000)
-    wait_for(lambda: published_watermark(tmp_path) >= 12_000, "the first half trained")
-    latest = CheckpointStore(tmp_path / "checkpoints").latest()
-    assert latest is not None and latest.watermark == 10_000
-    kill(tmp_path)
-    with EventLog(tmp_path / "log").open_writer() as w:
-        w.append(events.slice(12_000))
-    metrics = run.join()
+    with Background(SYN_SPEC, LearnerConfig(batch_size=1000), tc, tmp_path, end=24_000) as run:
+        wait_for(lambda: published_watermark(tmp_path) >= 12_000, "the first half trained")
+        latest = CheckpointStore(tmp_path / "checkpoints").latest()
+        assert latest is not None and latest.watermark == 10_000
+        kill(tmp_path)
+        with EventLog(tmp_path / "log").open_writer() as w:
+            w.append(events.slice(12_000))
+        metrics = run.join()
     lost, dup = ledger_verdict(tmp_path, 24_000)
     return metrics, lost, dup
 
