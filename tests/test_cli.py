@@ -48,6 +48,7 @@ def test_learn_generic_csv_writes_report_and_dead_letters(tmp_path: Path, capsys
     ("learn", ["--events", "--format", "--columns", "--config", "--report-dir", "--batch-size", "--max-events",
                "--quiet"]),
     ("demo", ["--data", "--max-events", "--report-dir", "--quiet"]),
+    ("train", ["--config", "--data", "--format", "--run-dir", "--workers", "--shards", "--max-events", "--continuous"]),
 ])
 def test_help_lists_every_option(sub: str, options: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as e:
@@ -63,6 +64,21 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path, capsys) -> None:
     assert main(["learn", "--config", str(cfg), "--format", "synthetic", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("olrec: error:") and "learner.bach_size" in err and "Traceback" not in err
+
+
+def test_train_config_errors_exit_2_naming_the_key(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  workers: 0\n  shard: 2\n")
+    assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "train.workers" in err and "train.shard" in err and "Traceback" not in err
+
+
+def test_train_with_an_empty_log_and_no_data_exits_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("OLREC_DATA", raising=False)
+    assert main(["train", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "is empty and no data was given: pass --data" in err and str(tmp_path / "run" / "log") in err
 
 
 def test_demo_with_missing_data_exits_2_naming_the_path(capsys) -> None:
