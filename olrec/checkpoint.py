@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+from .log import fsync_dir
+
 MANIFEST = "manifest.json"
 FORMAT = 1  # manifest format version; a reader refuses one it does not know
 _PREFIX = "ckpt-"
@@ -134,7 +136,7 @@ class CheckpointStore:
         """
         if not self.root.is_dir():
             self.root.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root.parent)  # the new root survives a crash
+            fsync_dir(self.root.parent)  # the new root survives a crash
         path = self.root / f"{_STAGING}{uuid.uuid4().hex}"
         os.mkdir(path)
         self._open.add(path)
@@ -182,7 +184,7 @@ class CheckpointStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, staging / MANIFEST)
-        _fsync_dir(staging)
+        fsync_dir(staging)
 
         final = self._publish(staging)
         self._open.discard(staging)
@@ -209,7 +211,7 @@ class CheckpointStore:
                     raise
                 seq = max(seq + 1, self._next_seq())
                 continue
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             return final
         raise CheckpointError(staging, [f"found no free checkpoint name after {final.name} (concurrent committers?)"])
 
@@ -316,7 +318,7 @@ class CheckpointStore:
                 log.warning("could not prune checkpoint %s: %s", path, e)
                 continue
             shutil.rmtree(trash, ignore_errors=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     # -- internals --------------------------------------------------------
 
@@ -478,7 +480,7 @@ def _checksum_tree(staging: Path) -> dict[str, FileEntry]:
     if problems:
         raise CheckpointError(staging, problems)
     for d in dirs:
-        _fsync_dir(Path(d))
+        fsync_dir(Path(d))
     return dict(sorted(files.items()))
 
 
@@ -547,10 +549,3 @@ def _newest_mtime(path: Path) -> float:
                 pass
     return newest
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

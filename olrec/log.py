@@ -88,7 +88,7 @@ class EventLog:
             if not create:
                 raise FileNotFoundError(f"event log directory {self._path} does not exist")
             self._path.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self._path.parent)  # the new directory survives a crash
+            fsync_dir(self._path.parent)  # the new directory survives a crash
         self._lock = threading.RLock()  # serializes appends from producer threads
         self._lock_file: BinaryIO | None = None  # the flock'ed file while this instance is the writer
         self._end = self._scan_end()
@@ -212,7 +212,7 @@ class EventLog:
         # Visible from here on: advance before the directory fsync, so a failing
         # fsync can never make the next append reuse these offsets.
         self._end = end
-        _fsync_dir(self._path)
+        fsync_dir(self._path)
 
     def _write_dead_letters(self, bad: pa.Table) -> None:
         now = datetime.now(timezone.utc).isoformat()
@@ -226,7 +226,7 @@ class EventLog:
             f.flush()
             os.fsync(f.fileno())
         if created:
-            _fsync_dir(self._path)
+            fsync_dir(self._path)
         self._dead += len(lines)
 
     # -- reading ----------------------------------------------------------
@@ -336,7 +336,8 @@ class EventLog:
                 time.sleep(wait)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new file, a rename) survive a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
