@@ -203,6 +203,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     """``olrec train``: fill the run's log when it is empty, then train on Ray."""
     import math
     import signal
+    import threading
 
     import pyarrow as pa
     import ray
@@ -233,21 +234,42 @@ def run_train(cfg: Config) -> dict[str, Any]:
         else:  # a local cluster, logical CPUs overcommitted: workers and shards mostly wait on each other
             need = tc.workers * tc.cpus_per_worker + tc.shards * tc.cpus_per_shard + 2
             ray.init(address="local", num_cpus=max(2, math.ceil(need)), include_dashboard=False, log_to_driver=False)
-    previous = {}
+    # Ctrl-C or SIGTERM (`ray job stop`) ends the stream: the workers write a
+    # final checkpoint and return; a second one interrupts at once. Training
+    # runs on a thread so that Ray Train's own SIGINT handler (an abort, no
+    # checkpoint), which it installs only from the main thread, stays out.
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
 
     def stop(signum, frame) -> None:
-        paths.stop_file.touch()  # the stream ends; workers write a final checkpoint and return
-        print("olrec: stopping after a final checkpoint", file=sys.stderr)
+        paths.stop_file.touch()
+        print("olrec: stopping after a final checkpoint (again to interrupt)", file=sys.stderr)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
-    if tc.continuous:
-        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["metrics"] = train(spec, cfg.learner, tc, paths.root)
+        except BaseException as e:  # re-raised on the main thread
+            result["error"] = e
+
+    for s in signals:
+        signal.signal(s, stop)
     try:
-        metrics = train(spec, cfg.learner, tc, paths.root)
+        worker = threading.Thread(target=run, name="olrec-train", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)  # short waits: signals are handled between them
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         if started:
             ray.shutdown()
+    if "error" in result:
+        raise result["error"]
+    metrics = result["metrics"]
     out = {**metrics, "run_dir": str(paths.root)}
     (paths.root / "train.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(json.dumps(out, default=str))

@@ -65,3 +65,33 @@ def test_ray_job_submit_trains_checkpoints_and_reports_metrics(ray_head, tmp_pat
     latest = CheckpointStore(run / "checkpoints").latest()
     assert latest is not None and latest.watermark == 12_288
     assert torch.load(run / "published.pt", weights_only=False)["watermark"] == 12_288
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_continuous_run_with_a_final_checkpoint(tmp_path: Path) -> None:
+    """`olrec train --continuous` on a local cluster of its own: SIGINT stops the
+    stream, the workers write a final checkpoint, the command exits 0."""
+    import os
+    import signal
+    import subprocess
+
+    run = tmp_path / "run"
+    fill(run, synthetic(6_000))
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {format: synthetic}\nlearner: {batch_size: 1000}\ntrain: {report_every_s: 0.3}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.Popen([sys.executable, "-m", "olrec", "train", "--continuous", "--config", str(config),
+                             "--run-dir", str(run)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (m := _reported(run)) is not None and m["watermark"] == 6_000, 240,
+                 "the run to train the log")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((run / "train.json").read_text())["watermark"] == 6_000
+    latest = CheckpointStore(run / "checkpoints").latest()
+    assert latest is not None and latest.watermark == 6_000
