@@ -224,7 +224,6 @@ def run_train(cfg: Config) -> dict[str, Any]:
         raise UsageError(f"the event log {paths.log} is empty and no data was given: pass --data")
     sample = pa.concat_tables(list(log.read(0, min(log.end_offset, 10_000)))) if log.end_offset else None
     spec = cfg.feature_spec(None if sample is None else sample.drop_columns([OFFSET]))
-    build_learner(spec, cfg.learner)  # a spec the learner rejects fails here, not in a worker
 
     tc = cfg.train
     started = not ray.is_initialized()

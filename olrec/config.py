@@ -361,7 +361,6 @@ def _from_schema(s: ConfigSchema) -> Config:
     return Config(data, features, MappingProxyType(overrides), learner, report, train, run_dir, s)
 
 
-# The learner rejects some specs only when built (Counters needs user and item counters).
 def build_learner(spec: FeatureSpec, cfg: LearnerConfig) -> OnlineLearner:
     """An :class:`OnlineLearner`; a spec or config it rejects is a :class:`ConfigError`."""
     return _build("features", lambda: OnlineLearner(spec, cfg))

@@ -209,8 +209,9 @@ class OnlineLearner:
         return w
 
     # -- inputs -------------------------------------------------------------
-    def _numeric(self, batch: Batch, online: bool) -> tuple[torch.Tensor, list]:
-        feats, updates = self.counters.features(batch, online=online)
+    def _numeric(self, batch: Batch, online: bool, prefetched: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+        """The tower's numeric input (context numerics, then counter features) and the counters' update."""
+        feats, updates = self.counters.features(batch, online=online, prefetched=prefetched)
         return torch.from_numpy(np.concatenate([batch.numeric, feats], 1)).to(self.device), updates
 
     def field_keys(self, batch: Batch) -> tuple[np.ndarray, list[slice]]:
@@ -284,8 +285,7 @@ class OnlineLearner:
             found_w, fetch_w = self.wide.lookup(batch, t_last, self.events)
             requests.append(fetch_w)
         pulled, pulled_c, *pulled_w = self.store.fetch_many(requests)
-        feats, updates = self.counters.features(batch, online=True, prefetched=(found_c, pulled_c))
-        num = torch.from_numpy(np.concatenate([batch.numeric, feats], 1)).to(self.device)
+        num, updates = self._numeric(batch, online=True, prefetched=(found_c, pulled_c))
         emb, w = self._pool(batch, pulled, spans, grad=True)
         # Statistics of the context numerics first: they hold no label, and a
         # raw input like a release year must not reach the first batch

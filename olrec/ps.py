@@ -317,8 +317,8 @@ class ShardedTables:
         self.fetch_s = 0.0  # time spent fetching rows (the wire and the shards' queues included)
         self.settle_s = 0.0  # time spent waiting for pushes to be acknowledged
         #: Seconds per batched fetch, and from sending a batch's pushes to their ack
-        #: (an upper bound when acks are collected late); drained by the caller.
-        self.latencies: dict[str, list[float]] = {"pull": [], "push": []}
+        #: (an upper bound when acks are collected late): the newest, for a caller to drain.
+        self.latencies: dict[str, deque] = {"pull": deque(maxlen=10_000), "push": deque(maxlen=10_000)}
 
     def _call_async(self, method: str, per_shard: Mapping[int, tuple]) -> list:
         """Futures of remote calls (none: local shards run the calls now)."""
@@ -427,15 +427,9 @@ class ShardedTables:
         return [(i, np.flatnonzero(owner == i)) for i in range(len(self.shards)) if (owner == i).any()]
 
     def pull(self, table: str, keys: np.ndarray, observe: bool = False, ts: float = 0.0, event: int = 0) -> np.ndarray:
-        keys = np.asarray(keys, np.int64)
-        parts = self._split(keys)
-        got = self._call("pull", {i: (table, keys[idx], observe, ts, event) for i, idx in parts})
-        if not parts:
-            return np.zeros((0, 0), np.float32)
-        out = np.empty((len(keys), got[parts[0][0]].shape[1]), np.float32)
-        for i, idx in parts:
-            out[idx] = got[i]
-        return out
+        """Weights of ``keys`` in their order (duplicates count as sightings, as in a table)."""
+        pulled = self.fetch(table, keys, observe=observe, ts=ts, event=event)
+        return pulled.weights[pulled.inverse]
 
     def push_gradients(self, table: str, keys: np.ndarray, grads: np.ndarray) -> None:
         keys = np.asarray(keys, np.int64)

@@ -79,9 +79,8 @@ class TrainConfig:
         for name in ("workers", "shards", "sync_every", "block_rows", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_staleness",):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
         if self.max_failures < -1:
             raise ValueError(f"max_failures must be >= -1 (-1: retry forever), got {self.max_failures}")
         for name in ("cpus_per_worker", "poll_interval", "checkpoint_every_s", "report_every_s", "idle_wait_s"):
@@ -148,8 +147,13 @@ class Applied:
     of the gap-free run from ``start``."""
 
     def __init__(self, start: int) -> None:
-        self.watermark = start
+        self.start = self.watermark = start
         self._above: list[tuple[int, int]] = []
+
+    @property
+    def covered(self) -> int:
+        """Distinct offsets applied at or above ``start``."""
+        return self.watermark - self.start + sum(hi - lo for lo, hi in self._above)
 
     def add(self, spans: list[tuple[int, int]]) -> None:
         merged = sorted(self._above + [s for s in spans if s[1] > self.watermark])
@@ -183,8 +187,7 @@ def duplicates(spans: list[tuple[int, int]]) -> int:
     """Applications beyond the first of each offset (events applied twice after a restore)."""
     union = Applied(0)
     union.add(spans)
-    distinct = union.watermark + sum(hi - lo for lo, hi in union._above)
-    return count_from(spans, 0) - distinct
+    return count_from(spans, 0) - union.covered
 
 
 # ---------------------------------------------------------------------------
@@ -445,7 +448,6 @@ def _worker(config: dict) -> None:
     loss_sum, loss_n, step_s = 0.0, 0, 0.0
     first_at: float | None = None  # when this attempt trained its first batch (start-up ends)
     first_events, last_at = learner.events, time.time()
-    metrics: dict[str, Any] = {}
 
     def settle() -> None:
         spans = [s for tag in store.done() for s in tag]
@@ -471,7 +473,7 @@ def _worker(config: dict) -> None:
         mine.offsets, mine.preds, mine.labels = [], [], []
 
     def report(final: bool) -> None:
-        nonlocal last_report, metrics
+        nonlocal last_report
         now = time.monotonic()
         if rank == 0 and final:
             o, p, y = progress.arrays()
@@ -509,7 +511,8 @@ def _worker(config: dict) -> None:
             for kind, values in store.latencies.items():
                 for v in values:
                     telemetry.observe(f"{kind}_latency_s", v)
-        store.latencies = {"pull": [], "push": []}
+        for values in store.latencies.values():
+            values.clear()
         last_report = now
         # Not ray.train.report: it is a barrier that costs about 2 s in Ray
         # 2.60, and olrec keeps its own checkpoints. Metrics go to the Ray
