@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= $(abspath ../shared/data/ml-100k)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench-quality clean
+.PHONY: demo test install bench-quality proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The gRPC stubs are generated into the package (the proto path mirrors it)
+# and committed: a job's working directory drops git-ignored files.
+# tests/test_proto.py fails when they are stale.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iserve/proto --python_out=. --pyi_out=. --grpc_python_out=. \
+		serve/proto/olrec/v1/recommender.proto
 
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py --events $(DATA) --format ml100k

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the public API (``make proto``); do not edit."""
