@@ -29,7 +29,7 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="olrec", description="olrec: an online-learning recommender. Learns from every event as it arrives.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{learn,train,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{learn,train,serve,demo}")
 
     learn = sub.add_parser(
         "learn", help="learn a stream of events online and report progressive metrics",
@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-events", type=int, help="fill the log with only the first N events")
     tr.add_argument("--continuous", action="store_true", help="follow the log until stopped (Ctrl-C, SIGTERM, "
                                                               "or RUN_DIR/STOP), with a final checkpoint")
+
+    sv = sub.add_parser(
+        "serve", help="serve a run's model over gRPC with Ray Serve (and a local Triton)",
+        description="Serve the model of RUN_DIR (olrec.v1.Recommender over gRPC, through Ray Serve's proxy): live "
+                    "rows from the run's parameter-server shards while `olrec train --continuous` runs on the same "
+                    "cluster, else its latest checkpoint. Starts a local Triton for the int8 ranking model unless "
+                    "--triton-url or --scorer in_process. Connects to $RAY_ADDRESS, else starts a local cluster. "
+                    "Runs until Ctrl-C.")
+    sv.add_argument("--run-dir", type=Path, required=True, help="the olrec train run to serve")
+    sv.add_argument("--port", type=int, default=9000, help="the gRPC port (default 9000)")
+    sv.add_argument("--scorer", choices=["triton", "in_process"], default="triton")
+    sv.add_argument("--precision", choices=["int8", "fp32"], default="int8", help="of the ranking model in Triton")
+    sv.add_argument("--triton-url", help="a running Triton's gRPC host:port (default: start one)")
+    sv.add_argument("--replicas", type=int, default=1, help="Recommender replicas (default 1)")
+    sv.add_argument("--replica-cpus", type=float, default=0.5, help="CPUs each replica reserves (default 0.5)")
 
     demo = sub.add_parser(
         "demo", help="the embedded default: learn MovieLens-100K online and write a report",
@@ -275,6 +290,60 @@ def run_train(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    """``olrec serve``: Triton (unless given), Serve with olrec's gRPC services, the app; until Ctrl-C."""
+    import math
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from serve.app import SERVICER_FUNCTIONS, application, serve_config
+
+    from .train import RunPaths
+
+    paths = RunPaths(args.run_dir.resolve())
+    if not paths.model.is_file():
+        raise UsageError(f"{paths.model} not found: serve a run that `olrec train` has started (--run-dir)")
+    if args.replicas < 1 or not args.replica_cpus > 0:
+        raise UsageError(f"--replicas must be >= 1 and --replica-cpus > 0, got {args.replicas}, {args.replica_cpus}")
+    opts = {"run_dir": str(paths.root), "scorer": args.scorer, "precision": args.precision}
+    triton = None
+    if args.scorer == "triton" and not args.triton_url:
+        from .triton import TritonServer
+
+        (paths.root / "triton" / "local").mkdir(parents=True, exist_ok=True)
+        triton = TritonServer(paths.root / "triton" / "local", models=()).start()  # the app publishes the model
+        print(f"olrec: Triton on {triton.url} (log {triton.log_path})", file=sys.stderr)
+    if args.triton_url or triton:
+        opts["triton_url"] = args.triton_url or triton.url
+    cfg = serve_config(opts)
+    stop = threading.Event()
+    try:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:
+            os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(4 * 1024 * 1024))
+            ray.init(address="local", num_cpus=max(2, math.ceil(args.replicas * args.replica_cpus) + 1),
+                     include_dashboard=False, log_to_driver=False)
+        serve.start(grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=SERVICER_FUNCTIONS))
+        serve.run(application(cfg, num_replicas=args.replicas, ray_actor_options={"num_cpus": args.replica_cpus}),
+                  name="olrec", route_prefix="/olrec")
+        print(f"olrec: serving {paths.root} on gRPC port {args.port} (Ctrl-C to stop)", file=sys.stderr)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        if triton is not None:
+            triton.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -286,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.max_events is not None:
                 over["data"]["max_events"] = args.max_events
             run_learn(load_config(None, over), quiet=args.quiet)
+        elif args.command == "serve":
+            run_serve(args)
         elif args.command == "train":
             over = _overrides(args)
             if getattr(args, "events", None) is None and os.environ.get("OLREC_DATA"):
@@ -293,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_train(load_config(args.config, over))
         else:
             run_learn(load_config(args.config, _overrides(args)), quiet=args.quiet)
-    except (UsageError, ConfigError, FileNotFoundError) as e:
+    except (UsageError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"olrec: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -135,6 +135,9 @@ class OnlineLearner:
         self.blend_opt = torch.optim.Adam(self.blend.parameters(), lr=0.05)
         self.events = 0
         self.batches = 0
+        #: Recent inputs of the dense tower (up to 1024 rows of the last batch):
+        #: an int8 export calibrates its activation scales on them.
+        self.recent_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.expires = True  # sweep the store for idle rows (one worker of several does)
         self.device = torch.device("cpu")
 
@@ -182,7 +185,13 @@ class OnlineLearner:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                 "blend": self.blend.state_dict(), "blend_opt": self.blend_opt.state_dict(),
                 "total": self.counters.total.copy(), "wide": None if self.wide is None else self.wide.dense.copy(),
-                "events": self.events, "batches": self.batches}
+                "events": self.events, "batches": self.batches, "calibration": self.calibration()}
+
+    def calibration(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Copies of :attr:`recent_inputs` (emb, num) as float32 arrays, or None before the first batch."""
+        if self.recent_inputs is None:
+            return None
+        return tuple(t.detach().cpu().numpy().astype(np.float32, copy=True) for t in self.recent_inputs)  # type: ignore[return-value]
 
     def load_dense_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -295,6 +304,7 @@ class OnlineLearner:
         n_ctx = len(self.spec.numeric)
         self.model.norm.update(num, slice(0, n_ctx))
         logit = self.model(emb, num)
+        self.recent_inputs = (emb.detach()[:1024], num[:1024])
         y, weight = torch.from_numpy(batch.label), torch.from_numpy(batch.weight)
         loss = F.binary_cross_entropy_with_logits(logit, y.to(self.device), weight=weight.to(self.device))
         self.opt.zero_grad(set_to_none=True)
@@ -342,14 +352,27 @@ class OnlineLearner:
         """Probabilities without learning. ``online`` lets counter features see
         earlier events of this batch (progressive scoring by a model that keeps
         up); a frozen model scores with ``online=False``."""
+        emb, num, p_wide = self.ranking_inputs(batch, online)
+        return self.blend_probs(self.model(emb, num), p_wide)
+
+    @torch.no_grad()
+    def ranking_inputs(self, batch: Batch, online: bool = False) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """Everything per-id a score needs, read from the store now: the dense
+        tower's inputs (emb, num) and the wide part's probability (None without
+        one). Serving sends (emb, num) to the tower wherever it runs (Triton)."""
         torch.set_num_threads(self.cfg.threads)
         num, _ = self._numeric(batch, online=online)
         keys, spans = self.field_keys(batch)
         emb, _ = self._pool(batch, self.store.fetch("sparse", keys), spans, grad=False)
-        logit = self.model(emb, num)
-        if self.wide is not None:
-            logit = self.blend(self._blend_inputs(logit, self.wide.predict(batch, self._wide_inputs(num)))).squeeze(1)
-        return torch.sigmoid(logit).cpu().numpy()
+        p_wide = None if self.wide is None else self.wide.predict(batch, self._wide_inputs(num))
+        return emb, num, p_wide
+
+    @torch.no_grad()
+    def blend_probs(self, deep_logit: torch.Tensor, p_wide: np.ndarray | None) -> np.ndarray:
+        """Probabilities from the dense tower's logits and the wide part's probabilities."""
+        if p_wide is not None:
+            deep_logit = self.blend(self._blend_inputs(deep_logit, p_wide)).squeeze(1)
+        return torch.sigmoid(deep_logit).cpu().numpy()
 
     def frozen_copy(self) -> "OnlineLearner":
         """An independent copy of all state: rows, counters, dense weights, statistics."""

@@ -32,7 +32,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -117,6 +117,11 @@ class RunPaths:
         return self.root / "published.pt"
 
     @property
+    def model(self) -> Path:
+        """What the run's model is (feature spec, learner config, shard count), for serving."""
+        return self.root / "model.json"
+
+    @property
     def metrics(self) -> Path:
         """The latest training metrics (rank 0 rewrites it at every report)."""
         return self.root / "metrics.json"
@@ -125,6 +130,21 @@ class RunPaths:
     def stop_file(self) -> Path:
         """Created to end a continuous run (the driver does on SIGINT/SIGTERM)."""
         return self.root / "STOP"
+
+
+def write_model(paths: RunPaths, spec: FeatureSpec, learner: LearnerConfig, shards: int) -> None:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    _write_json(paths.model, {"spec": asdict(spec), "learner": asdict(learner), "shards": shards})
+
+
+def read_model(run_dir: str | Path) -> tuple[FeatureSpec, LearnerConfig, int]:
+    """The feature spec, learner config and shard count a run trains with."""
+    path = RunPaths(Path(run_dir)).model
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: no olrec train run has started in {run_dir}")
+    m = json.loads(path.read_text())
+    learner = {**m["learner"], "hidden": tuple(m["learner"]["hidden"])}
+    return FeatureSpec(**m["spec"]), LearnerConfig(**learner), int(m["shards"])
 
 
 # ---------------------------------------------------------------------------
@@ -582,7 +602,7 @@ def _publish(path: Path, learner: OnlineLearner, watermark: int) -> None:
     torch.save({"watermark": int(watermark), "events": int(learner.events),
                 "model": learner.model.state_dict(), "blend": learner.blend.state_dict(),
                 "wide_dense": None if learner.wide is None else learner.wide.dense.copy(),
-                "total": learner.counters.total.copy()}, tmp)
+                "total": learner.counters.total.copy(), "calibration": learner.calibration()}, tmp)
     os.replace(tmp, path)
 
 
@@ -602,8 +622,12 @@ def learner_from_checkpoint(path: str | Path, spec: FeatureSpec, cfg: LearnerCon
     return learner
 
 
+NAMESPACE = "olrec"
+
+
 def shard_name(run_dir: str | Path, index: int) -> str:
-    """The Ray actor name of a run's shard (``ray.get_actor`` finds it)."""
+    """The Ray actor name of a run's shard, in namespace :data:`NAMESPACE`
+    (``ray.get_actor(name, namespace=NAMESPACE)`` finds it from any job, Serve's too)."""
     import hashlib
 
     digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
@@ -661,10 +685,11 @@ def train(spec: FeatureSpec, learner: LearnerConfig, tc: TrainConfig, run_dir: s
     if not tc.continuous and end is None:
         end = log.end_offset
     paths.stop_file.unlink(missing_ok=True)
+    write_model(paths, spec, learner, tc.shards)
     # A shard that dies comes back empty (max_restarts); the call that saw it
     # die fails the worker group, which restores every shard from the checkpoint.
     actor = ray.remote(LocalShard)
-    shards = tuple(actor.options(name=shard_name(paths.root, i), num_cpus=tc.cpus_per_shard, max_restarts=-1,
+    shards = tuple(actor.options(name=shard_name(paths.root, i), namespace=NAMESPACE, num_cpus=tc.cpus_per_shard, max_restarts=-1,
                                  max_task_retries=0).remote(learner_tables(spec, learner), i)
                    for i in range(tc.shards))
     try:

@@ -17,6 +17,7 @@ test session's own in-process cluster (the ``ray_cluster`` fixture).
   (``http://127.0.0.1:<metrics-export-port>/metrics``, served by the node's
   metrics agent; no token needed).
 - :func:`wait_for` polls a condition to a deadline and names what it waited for.
+- :class:`Background` runs ``olrec.train.train`` on a thread of the test process (the driver).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -460,3 +462,40 @@ def wait_job(head: Head, job_id: str, timeout: float = 120.0) -> JobResult:
         status = seen[0]["status"] if seen else "unknown"
         raise TimeoutError(f"{e}; status {status}; logs:\n{job_logs(head, job_id)[-3000:]}") from None
     return JobResult(job_id, info["status"], info.get("message") or "", job_logs(head, job_id))
+
+
+class Background:
+    """``train`` on a thread (the test process is the driver), its result or error kept.
+    Leaving the ``with`` block on an error stops the run (its stop file), so a
+    failed test leaves no trainer holding the session cluster's CPUs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+        self._run_dir = Path(args[3])
+        self._t = threading.Thread(target=self._run, args=args, kwargs=kwargs, daemon=True)
+        self._t.start()
+
+    def __enter__(self) -> "Background":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is not None:
+            (self._run_dir / "STOP").touch()
+            self._t.join(120)
+
+    def _run(self, *args, **kwargs) -> None:
+        from olrec.train import train
+
+        try:
+            self.result = train(*args, **kwargs)
+        except BaseException as e:  # reported by join()
+            self.error = e
+
+    def join(self, timeout: float = 240) -> dict:
+        self._t.join(timeout)
+        assert not self._t.is_alive(), "training did not finish"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result

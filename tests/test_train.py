@@ -137,7 +137,8 @@ from olrec.learner import LearnerConfig, OnlineLearner  # noqa: E402
 from olrec.log import OFFSET, EventLog  # noqa: E402
 from olrec.progressive import run_progressive  # noqa: E402
 from olrec.sources import SyntheticConfig, read_ml100k, read_synthetic  # noqa: E402
-from olrec.train import learner_from_checkpoint, shard_name, train  # noqa: E402
+from olrec.train import NAMESPACE, learner_from_checkpoint, shard_name, train  # noqa: E402
+from raycluster import Background  # noqa: E402
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 SYN_SPEC = FeatureSpec()
@@ -163,41 +164,6 @@ def synthetic(n: int) -> pa.Table:
     t = read_synthetic(SyntheticConfig(n_users=300, n_items=150, n_events=n, seed=5)).drop_columns(["p_true"])
     ids = pa.array(np.arange(n, dtype=np.int64) * 7 + 1_000_003)  # unique, unlike offsets
     return t.set_column(t.schema.get_field_index("event_id"), "event_id", ids)
-
-
-class Background:
-    """``train`` on a thread (the test process is the driver), its result or error kept.
-    Leaving the ``with`` block on an error stops the run (its stop file), so a
-    failed test leaves no trainer holding the session cluster's CPUs."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.result: dict | None = None
-        self.error: BaseException | None = None
-        self._run_dir = Path(args[3])
-        self._t = threading.Thread(target=self._run, args=args, kwargs=kwargs, daemon=True)
-        self._t.start()
-
-    def __enter__(self) -> "Background":
-        return self
-
-    def __exit__(self, exc_type, *rest) -> None:
-        if exc_type is not None:
-            (self._run_dir / "STOP").touch()
-            self._t.join(120)
-
-    def _run(self, *args, **kwargs) -> None:
-        try:
-            self.result = train(*args, **kwargs)
-        except BaseException as e:  # reported by join()
-            self.error = e
-
-    def join(self, timeout: float = 240) -> dict:
-        self._t.join(timeout)
-        assert not self._t.is_alive(), "training did not finish"
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
 
 
 def published_watermark(run_dir: Path) -> int:
@@ -276,7 +242,7 @@ def test_a_killed_shard_is_restored_from_the_checkpoint_and_nothing_is_lost(ray_
     def kill_shard(run_dir: Path) -> None:
         import ray
 
-        os.kill(ray.get(ray.get_actor(shard_name(run_dir, 0)).pid.remote()), signal.SIGKILL)
+        os.kill(ray.get(ray.get_actor(shard_name(run_dir, 0), namespace=NAMESPACE).pid.remote()), signal.SIGKILL)
 
     metrics, lost, dup = _kill_mid_run(tmp_path, kill_shard)
     assert metrics["watermark"] == 24_000 and metrics["events_trained"] == 24_000

@@ -1,0 +1,268 @@
+"""The Serve application over real gRPC: Recommend, Score, Feedback, health,
+reflection, bad input, deadlines, and Triton going away and coming back.
+
+One app per module on the session's Serve instance (``serve_grpc``), serving a
+checkpoint (serving-only mode) with the int8 ranking model in a real Triton.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import MAX_MESSAGE
+from olrec.log import EventLog
+from olrec.serving import ServeConfig
+from olrec.v1 import recommender_pb2 as pb
+from olrec.v1 import recommender_pb2_grpc as pbg
+from raycluster import wait_for
+from servingrun import ML100K, free_port, make_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not ML100K.is_dir(), reason="MovieLens-100K not beside the repo")]
+
+APP = "olrec-test"
+TOKEN = "s3cret"
+OK_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class Client:
+    """A gRPC client of one Serve application (its name goes in the metadata)."""
+
+    def __init__(self, port: int, app: str) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+            ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        self.stub = pbg.RecommenderStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.md = (("application", app),)
+
+    def __call__(self, method: str, request, token: str | None = None, timeout: float = 10.0):
+        md = self.md + ((("authorization", f"Bearer {token}"),) if token else ())
+        return getattr(self.stub, method)(request, metadata=md, timeout=timeout)
+
+    def code(self, method: str, request, **kw) -> grpc.StatusCode:
+        try:
+            self(method, request, **kw)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
+
+    def serving(self) -> bool:
+        r = self.health.Check(health_pb2.HealthCheckRequest(service="olrec.v1.Recommender"), metadata=self.md,
+                              timeout=10)
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    from olrec.triton import TritonServer
+
+    root = tmp_path_factory.mktemp("served")
+    make_run(root)
+    (root / "triton" / "local").mkdir(parents=True)
+    # No model at start: the app's DensePublisher publishes the run's dense tower and loads it.
+    server = TritonServer(root / "triton" / "local", models=(), grpc_port=free_port(), http_port=free_port(),
+                          metrics_port=free_port())
+    server.start()
+    yield root, server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def app(serve_grpc, triton):
+    from ray import serve
+
+    from serve.app import application
+
+    root, server = triton
+    cfg = ServeConfig(run_dir=str(root), triton_url=server.url, feedback_token=TOKEN, max_k=50, max_ids=100,
+                      candidates=100)
+    serve.run(application(cfg, num_replicas=1, ray_actor_options={"num_cpus": 0.25}), name=APP,
+              route_prefix=f"/{APP}")
+    client = Client(serve_grpc, APP)
+    # Ready once Triton has the published model: a Score through it succeeds.
+    wait_for(lambda: client.code("Score", pb.ScoreRequest(user_id=259, item_ids=[1])) == grpc.StatusCode.OK, 120,
+             "the app to score through Triton")
+    yield client, root, server
+    serve.delete(APP)
+
+
+def test_recommend_returns_k_fresh_items_from_triton(app):
+    client, root, _ = app
+    r = client("Recommend", pb.RecommendRequest(user_id=259, k=10, exclude_item_ids=[22, 242]))
+    ids = [it.item_id for it in r.items]
+    assert len(ids) == 10 == len(set(ids)) and not {22, 242} & set(ids)
+    scores = [it.score for it in r.items]
+    assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+    assert r.watermark == 20_000 and r.dense_version == "20000"
+    assert r.scorer == pb.SCORER_TRITON_INT8 and r.retrieval == pb.RETRIEVAL_PERSONAL
+    cold = client("Recommend", pb.RecommendRequest(user_id=10**12, k=5))
+    assert cold.retrieval == pb.RETRIEVAL_POPULARITY and len(cold.items) == 5
+
+
+def test_score_matches_recommend_and_handles_unknown_items(app):
+    client, _, _ = app
+    rec = client("Recommend", pb.RecommendRequest(user_id=259, k=3))
+    ids = [it.item_id for it in rec.items]
+    s = client("Score", pb.ScoreRequest(user_id=259, item_ids=[*ids, 10**9]))
+    # int8 with dynamic quantization: activations are scaled per batch, so a score moves slightly with its batch
+    np.testing.assert_allclose(s.scores[:3], [it.score for it in rec.items], atol=1e-3)
+    assert 0 < s.scores[3] < 1  # an item never seen: the model's cold-start score, not an error
+    assert s.watermark == 20_000 and s.scorer == pb.SCORER_TRITON_INT8
+
+
+def test_feedback_lands_in_the_log_at_the_returned_offsets(app):
+    client, root, _ = app
+    events = [pb.Event(user_id=259, item_id=1, label=1, context={"age": pb.Value(text="18-24")}),
+              pb.Event(user_id=7, item_id=2, label=0, ts=1.5e9)]
+    r = client("Feedback", pb.FeedbackRequest(events=events), token=TOKEN)
+    assert len(r.offsets) == 2 and r.offsets[1] == r.offsets[0] + 1 and r.offsets[0] >= 20_000
+    got = pa_rows(root, r.offsets[0], r.offsets[1] + 1)
+    assert [(g["user_id"], g["item_id"], g["label"], g["age"]) for g in got] == [(259, 1, 1, "18-24"), (7, 2, 0, None)]
+    assert got[1]["ts"] == 1.5e9 and got[0]["ts"] > 1.7e9  # ts 0: the time the service got it
+    for token in (None, "wrong"):
+        try:
+            client("Feedback", pb.FeedbackRequest(events=events), token=token)
+            raise AssertionError("Feedback without the right token was accepted")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in e.details()
+
+
+def pa_rows(root: Path, start: int, end: int) -> list[dict]:
+    return [r for t in EventLog(root / "log", create=False).read(start, end) for r in t.to_pylist()]
+
+
+def test_health_and_reflection(app):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    client, _, _ = app
+    assert client.serving()
+    try:
+        client.health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), metadata=client.md, timeout=10)
+        raise AssertionError("an unknown service was reported healthy")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.NOT_FOUND
+    db = ProtoReflectionDescriptorDatabase(client.channel)
+    assert {"olrec.v1.Recommender", "grpc.health.v1.Health"} <= set(db.get_services())
+    service = DescriptorPool(db).FindServiceByName("olrec.v1.Recommender")
+    assert [m.name for m in service.methods] == ["Recommend", "Score", "Feedback"]
+
+
+@pytest.mark.parametrize("method,request_,field", [
+    ("Recommend", pb.RecommendRequest(user_id=1, k=0), "k: must be in [1, 50], got 0"),
+    ("Recommend", pb.RecommendRequest(user_id=1, k=51), "got 51"),
+    ("Recommend", pb.RecommendRequest(user_id=1, k=5, exclude_item_ids=range(101)), "exclude_item_ids: 101 ids"),
+    ("Recommend", pb.RecommendRequest(user_id=1, k=5, context={"shoe_size": pb.Value(number=9)}),
+     "context: unknown field 'shoe_size'"),
+    ("Score", pb.ScoreRequest(user_id=1), "item_ids: must not be empty"),
+    ("Score", pb.ScoreRequest(user_id=1, item_ids=[1], context={"age": pb.Value(number=math.nan)}),
+     "context['age']: must be text"),
+    ("Score", pb.ScoreRequest(user_id=1, item_ids=[1], context={"genres": pb.Value(text="Drama")}),
+     "unknown field 'genres'"),  # item-side: the catalog's, not the request's
+    ("Feedback", pb.FeedbackRequest(events=[pb.Event(label=3)]), "events[0].label: must be 0 or 1, got 3"),
+    ("Feedback", pb.FeedbackRequest(events=[pb.Event(ts=math.inf)]), "events[0].ts"),
+])
+def test_bad_requests_are_invalid_argument_naming_the_field(app, method, request_, field):
+    client, _, _ = app
+    try:
+        client(method, request_, token=TOKEN)
+        raise AssertionError(f"{method} accepted a bad request")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()
+        assert field in e.details()
+
+
+def test_an_oversized_message_is_resource_exhausted(app):
+    client, _, _ = app
+    huge = pb.ScoreRequest(user_id=1, item_ids=[1], context={"zip": pb.Value(text="x" * (MAX_MESSAGE + 1))})
+    assert client.code("Score", huge) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.serving()
+
+
+values = st.one_of(st.builds(pb.Value, text=st.text(max_size=8)),
+                   st.builds(pb.Value, number=st.floats(allow_nan=True, allow_infinity=True)), st.builds(pb.Value))
+contexts = st.dictionaries(st.sampled_from(["age", "gender", "occupation", "zip", "genres", "year", "bogus", ""]),
+                           values, max_size=3)
+ids = st.lists(st.integers(-2**63, 2**63 - 1), max_size=120)
+requests = st.one_of(
+    st.tuples(st.just("Recommend"), st.builds(pb.RecommendRequest, user_id=st.integers(-2**63, 2**63 - 1),
+                                              k=st.integers(-2**31, 2**31 - 1), context=contexts,
+                                              exclude_item_ids=ids)),
+    st.tuples(st.just("Score"), st.builds(pb.ScoreRequest, user_id=st.integers(-2**63, 2**63 - 1), item_ids=ids,
+                                          context=contexts)),
+    st.tuples(st.just("Feedback"), st.builds(pb.FeedbackRequest, events=st.lists(st.builds(
+        pb.Event, user_id=st.integers(-2**63, 2**63 - 1), item_id=st.integers(-2**63, 2**63 - 1),
+        label=st.integers(-3, 3), ts=st.floats(allow_nan=True, allow_infinity=True), context=contexts),
+        max_size=3))))
+
+
+@given(call=requests, token=st.sampled_from([None, "wrong", TOKEN]))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzzed_requests_never_get_unknown_or_internal(app, call, token):
+    client, _, _ = app
+    method, request_ = call
+    if method == "Feedback" and token == TOKEN:
+        request_ = pb.FeedbackRequest(events=[e for e in request_.events if not (0 <= e.label <= 1)])
+    code = client.code(method, request_, token=token)
+    assert code in OK_CODES, (code, request_)
+
+
+def test_fuzzed_replica_stays_healthy(app):
+    client, _, _ = app  # runs after the fuzz test: the replica answered everything and is still serving
+    assert client.serving()
+    assert client.code("Recommend", pb.RecommendRequest(user_id=259, k=5)) == grpc.StatusCode.OK
+
+
+def test_a_passed_deadline_is_deadline_exceeded_and_the_replica_carries_on(app):
+    client, _, _ = app
+    assert client.code("Recommend", pb.RecommendRequest(user_id=259, k=10), timeout=0.001) == \
+        grpc.StatusCode.DEADLINE_EXCEEDED
+    assert client.code("Recommend", pb.RecommendRequest(user_id=259, k=10)) == grpc.StatusCode.OK
+
+
+def test_triton_stopped_gives_unavailable_then_recovers(app):
+    client, _, server = app
+    req = pb.ScoreRequest(user_id=259, item_ids=[1, 2, 3])
+    server.stop()
+    try:
+        t = time.monotonic()
+        try:
+            client("Score", req, timeout=5)
+            raise AssertionError("scored with Triton down")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and "ranking model is unavailable" in e.details()
+        assert time.monotonic() - t < 5
+        assert client.serving()  # the replica itself is fine
+    finally:
+        server.start()
+    wait_for(lambda: client.code("Score", req) == grpc.StatusCode.OK, 60, "scores once Triton is back")
+
+
+def test_with_the_fallback_configured_triton_down_scores_in_process_and_says_so(app, serve_grpc):
+    from ray import serve
+
+    from serve.app import application
+
+    client, root, server = app
+    cfg = ServeConfig(run_dir=str(root), triton_url=server.url, feedback_token=TOKEN, max_k=50, max_ids=100,
+                      candidates=100, on_triton_down="in_process")
+    serve.run(application(cfg, num_replicas=1, ray_actor_options={"num_cpus": 0.25}), name=APP, route_prefix=f"/{APP}")
+    req = pb.ScoreRequest(user_id=259, item_ids=[1, 2, 3])
+    up = wait_for(lambda: client("Score", req), 60, "the updated app to answer")
+    server.stop()
+    try:
+        down = client("Score", req, timeout=5)
+        assert down.scorer == pb.SCORER_FALLBACK_IN_PROCESS and down.watermark == up.watermark
+        np.testing.assert_allclose(down.scores, up.scores, atol=2e-3)  # fp32 in the replica vs int8 in Triton
+    finally:
+        server.start()
+    wait_for(lambda: client("Score", req).scorer == pb.SCORER_TRITON_INT8, 60, "Triton scoring again")
