@@ -341,7 +341,7 @@ def run_serve(args: argparse.Namespace) -> None:
             serve.shutdown()
             ray.shutdown()
         if triton is not None:
-            triton.stop()
+            triton.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,15 +28,17 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from .features import FeatureSpec, encode
+from .features import Batch, FeatureSpec, _column_keys, _string_keys
 from .ids import EMPTY, IdMap, grown, tag_keys
 from .learner import LearnerConfig, OnlineLearner
 from .log import EventLog
 from .ps import Fetch, Pulled, ShardedTables
-from .schema import RESERVED
+from .schema import MULTI_SEP, RESERVED
 
 RowDtype = Literal["fp32", "fp16", "int8"]
 
@@ -155,11 +157,11 @@ class MirrorStore:
     def fetch(self, table: str, keys: np.ndarray, *, observe: bool = False, ts: float = 0.0,
               event: int = 0, unique: bool = False) -> Pulled:
         m = self.mirrors[table]
-        rows = m.rows(keys)
         if unique:  # one row per key asked for, as the caller's arrays expect
-            return Pulled(m.gather(rows), np.arange(len(rows)), np.asarray(keys, np.int64), None)
-        uniq, inv = np.unique(rows, return_inverse=True)
-        return Pulled(m.gather(uniq), inv.ravel(), None, None)
+            return Pulled(m.gather(m.rows(keys)), np.arange(len(keys)), np.asarray(keys, np.int64), None)
+        # A request's keys repeat (the user's fields on every candidate): look each up once.
+        uniq, inv = np.unique(keys, return_inverse=True)
+        return Pulled(m.gather(m.rows(uniq)), inv.ravel(), None, None)
 
     def fetch_many(self, requests: Sequence[Fetch]) -> list[Pulled]:
         return [self.fetch(r.table, r.keys, unique=r.unique) for r in requests]
@@ -190,9 +192,12 @@ class Catalog:
 
     A context column is item-side when every item has one value of it in the
     first events read (MovieLens: genres, year), user-side when every user has
-    one (age, gender, occupation, zip); requests supply the others."""
+    one (age, gender, occupation, zip); requests supply the others. Item-side
+    fields are kept encoded (table keys, numbers), so scoring a request builds
+    its :class:`~olrec.features.Batch` without encoding the candidates again."""
 
     SAMPLE = 50_000
+    _CACHE = 100_000  # encoded request values kept
 
     def __init__(self, log_dir: str | Path, spec: FeatureSpec) -> None:
         self.log = EventLog(log_dir, create=False)
@@ -202,10 +207,11 @@ class Catalog:
         self.item_side: list[str] | None = None  # decided on the first events
         self.user_side: list[str] = []
         self.items = IdMap()  # item id -> row of the arrays below
-        self.item_values: dict[str, np.ndarray] = {}
+        self.item_values: dict[str, np.ndarray] = {}  # field -> per item row: keys (object: key arrays) or numbers
         self.positives = np.zeros(0, np.float64)
         self.users: dict[int, dict[str, Any]] = {}  # user -> last user-side values
         self.clicked: dict[int, set[int]] = {}
+        self._encoded: dict[tuple[str, Any], Any] = {}
 
     def read_new(self) -> pa.Table | None:
         """Events appended since the last read (off the request path)."""
@@ -227,15 +233,17 @@ class Catalog:
             cap = grown(n)
             self.positives = np.concatenate([self.positives, np.zeros(cap - len(self.positives))])
             for c, v in self.item_values.items():
-                self.item_values[c] = np.concatenate([v, np.full(cap - len(v), None, object)])
+                self.item_values[c] = np.concatenate([v, self._missing(c, cap - len(v))])
         label = t["label"].to_numpy(zero_copy_only=False).astype(np.float64)
         np.add.at(self.positives, rows, label)
+        # Each item's last event sets its item-side fields.
+        last = len(items) - 1 - np.unique(items[::-1], return_index=True)[1]
         for c in self.item_side or ():
-            self.item_values[c][rows] = t[c].to_numpy(zero_copy_only=False)  # the last value wins
+            self.item_values[c][rows[last]] = self._encode(c, t[c].take(pa.array(last)))
         if self.user_side:
-            last = {int(u): i for i, u in enumerate(users)}
+            at = {int(u): i for i, u in enumerate(users)}
             vals = {c: t[c].to_numpy(zero_copy_only=False) for c in self.user_side}
-            for u, i in last.items():
+            for u, i in at.items():
                 self.users[u] = {c: vals[c][i] for c in self.user_side}
         for u, i in zip(users[label > 0].tolist(), items[label > 0].tolist()):
             self.clicked.setdefault(u, set()).add(i)
@@ -252,7 +260,39 @@ class Catalog:
             elif df.groupby("user_id")[c].nunique(dropna=False).max() <= 1:
                 user_side.append(c)
         self.item_side, self.user_side = item_side, user_side
-        self.item_values = {c: np.full(len(self.positives), None, object) for c in item_side}
+        self.item_values = {c: self._missing(c, len(self.positives)) for c in item_side}
+
+    # -- encoding, exactly as olrec.features.encode does ------------------------
+    def _encode(self, c: str, col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        """Per value of ``col``: a key (categorical), an array of keys (multi) or a number."""
+        col = pa.chunked_array([col]) if isinstance(col, pa.Array) else col
+        if c in self.spec.numeric:
+            x = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+            return np.nan_to_num(x.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        if c in self.spec.multi:
+            lists = pc.split_pattern(pc.fill_null(pc.cast(col, pa.string()), ""), MULTI_SEP).combine_chunks()
+            flat = _string_keys(lists.flatten())
+            ends = np.cumsum(pc.list_value_length(lists).to_numpy(zero_copy_only=False))
+            out = np.empty(len(ends), object)
+            out[:] = np.split(flat, ends[:-1])
+            return out
+        return _column_keys(pa.chunked_array([pc.cast(col, pa.string())]) if pa.types.is_null(col.type) else col)
+
+    def _missing(self, c: str, n: int) -> np.ndarray:
+        """What a missing value encodes to, ``n`` times (unknown items)."""
+        return _repeat(self._encode(c, pa.array([None], type=self._type(c)))[0], n)
+
+    def _value(self, c: str, v: Any) -> Any:
+        """A request's (or profile's) value of ``c``, encoded (cached)."""
+        got = self._encoded.get((c, v))
+        if got is None:
+            if len(self._encoded) > self._CACHE:
+                self._encoded.clear()
+            got = self._encoded[(c, v)] = self._encode(c, pa.array([v], type=self._type(c)))[0]
+        return got
+
+    def _type(self, c: str) -> pa.DataType:
+        return pa.float64() if c in self.spec.numeric else pa.string()
 
     @property
     def context_fields(self) -> list[str]:
@@ -267,24 +307,61 @@ class Catalog:
         order = np.argsort(-self.positives[: self.items.size], kind="stable")
         return self.item_ids()[order]
 
+    def batch(self, user: int, items: np.ndarray, context: Mapping[str, Any]) -> Batch:
+        """The (user, item) pairs as an unlabelled batch (what ``encode`` of :meth:`events` gives)."""
+        n = len(items)
+        rows = self.items.get(items)
+        known = rows >= 0
+        profile = self.users.get(int(user), {})
+        spec = self.spec
+
+        def field(c: str) -> np.ndarray:
+            if c in self.item_values:
+                v = self.item_values[c][np.where(known, rows, 0)]
+                unknown = np.flatnonzero(~known)
+                if unknown.size:
+                    v[unknown] = self._missing(c, unknown.size)
+                return v
+            return _repeat(self._value(c, context.get(c, profile.get(c))), n)
+
+        keys = {"user_id": np.full(n, user, np.int64), "item_id": np.asarray(items, np.int64)}
+        keys |= {c: field(c).astype(np.int64) for c in spec.categorical if c not in keys}
+        multi = {}
+        for c in spec.multi:
+            parts = field(c)
+            multi[c] = (np.concatenate(parts) if n else np.zeros(0, np.int64),
+                        np.fromiter((len(p) for p in parts), np.int64, n))
+        numeric = (np.stack([field(c).astype(np.float32) for c in spec.numeric], 1) if spec.numeric
+                   else np.zeros((n, 0), np.float32))
+        return Batch(keys=keys, multi=multi, numeric=numeric, label=np.zeros(n, np.float32),
+                     ts=np.full(n, time.time()), weight=np.ones(n, np.float32))
+
     def events(self, user: int, items: np.ndarray, context: Mapping[str, Any]) -> pa.Table:
-        """The (user, item) pairs as unlabelled events with every feature column."""
+        """The (user, item) pairs as unlabelled events with every feature column
+        from the log's raw values (what :meth:`batch` encodes without a table)."""
+        t = self.log.read(0, self.end, columns=["item_id", *(self.item_side or ())])
+        raw = pa.concat_tables(list(t)).to_pandas().drop_duplicates("item_id", keep="last").set_index("item_id")
         n = len(items)
         cols: dict[str, Any] = {"user_id": pa.array(np.full(n, user, np.int64)), "item_id": pa.array(items),
                                 "ts": pa.array(np.full(n, time.time())), "label": pa.array(np.zeros(n, np.int8))}
-        rows = self.items.get(items)
         profile = self.users.get(int(user), {})
         for c in self.features:
             if c in self.item_values:
-                v = self.item_values[c][np.maximum(rows, 0)].copy() if len(self.positives) else np.full(n, None, object)
-                v[rows < 0] = None
-                cols[c] = pa.array(v.tolist(), type=self._type(c))
+                vals = raw[c].reindex(items)
+                cols[c] = pa.array([None if pd.isna(x) else x for x in vals], type=self._type(c))
             else:
                 cols[c] = pa.array([context.get(c, profile.get(c))] * n, type=self._type(c))
         return pa.table(cols)
 
-    def _type(self, c: str) -> pa.DataType:
-        return pa.float64() if c in self.spec.numeric else pa.string()
+
+def _repeat(value: Any, n: int) -> np.ndarray:
+    """``value`` n times; an array value (a multi field's keys) stays one element."""
+    if isinstance(value, np.ndarray):
+        out = np.empty(n, object)
+        for i in range(n):
+            out[i] = value
+        return out
+    return np.full(n, value)
 
 
 # ---------------------------------------------------------------------------
@@ -459,7 +536,7 @@ class ServingModel:
         if snap is None:
             raise RequestError("UNAVAILABLE", f"no model yet: no trainer has published to {self.paths.root} "
                                               f"and it holds no checkpoint")
-        batch = encode(self.catalog.events(user, items, context), self.spec)
+        batch = self.catalog.batch(user, items, context)
         emb, num, p_wide = snap.learner.ranking_inputs(batch)
         return snap, emb, num, p_wide
 

@@ -622,6 +622,36 @@ def learner_from_checkpoint(path: str | Path, spec: FeatureSpec, cfg: LearnerCon
     return learner
 
 
+def learn_into_run(events: pa.Table, spec: FeatureSpec, cfg: LearnerConfig, run_dir: str | Path,
+                   shards: int = 1) -> OnlineLearner:
+    """Learn ``events`` in this process into a run directory, with no Ray
+    cluster: the events in its log, one checkpoint at their end, model.json.
+    ``olrec serve`` serves it as it serves a run of :func:`train`."""
+    from .checkpoint import CheckpointStore
+    from .learner import learner_tables
+    from .log import EventLog
+    from .ps import LocalShard, ShardedTables
+
+    paths = RunPaths(Path(run_dir).resolve())
+    with EventLog(paths.log) as log:
+        if log.end_offset:
+            raise ValueError(f"the event log {paths.log} is not empty")
+        n = log.append(events).n_good
+    store = ShardedTables([LocalShard(learner_tables(spec, cfg), i) for i in range(shards)])
+    learner = OnlineLearner(spec, cfg, store=store)
+    for table in EventLog(paths.log, create=False).read(0):
+        for at in range(0, table.num_rows, cfg.batch_size):
+            learner.step(encode(table.slice(at, cfg.batch_size), spec))
+    ckpts = CheckpointStore(paths.checkpoints)
+    staging = ckpts.stage()
+    store.snapshot(str(staging))
+    torch.save(learner.dense_state_dict(), staging / "dense.pt")
+    np.savez(staging / "progress.npz", offsets=np.zeros(0, np.int64), preds=np.zeros(0), labels=np.zeros(0))
+    ckpts.commit(staging, n, {"events": int(learner.events), "workers": 0, "shards": shards})
+    write_model(paths, spec, cfg, shards)
+    return learner
+
+
 NAMESPACE = "olrec"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -205,11 +206,16 @@ class TritonServer:
         if name not in self.models:
             self.models.append(name)
 
+    def close(self) -> None:
+        """Stop for good: also remove the working directory (backend links, the default log)."""
+        self.stop()
+        shutil.rmtree(self._work, ignore_errors=True)
+
     def __enter__(self) -> "TritonServer":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
 
 
 class TritonRanker:

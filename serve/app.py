@@ -135,7 +135,7 @@ class Recommender:
 
         try:
             logits, version = await self._triton.logits(emb.numpy(), num.numpy())
-            return torch.from_numpy(logits), version, self._scorer
+            return torch.from_numpy(np.array(logits)), version, self._scorer  # tritonclient's arrays are read-only
         except TritonUnavailable as e:
             if self.cfg.on_triton_down != "in_process":
                 raise RequestError("UNAVAILABLE", f"the ranking model is unavailable: {e}") from e

@@ -73,7 +73,7 @@ def triton(tmp_path_factory):
                           metrics_port=free_port())
     server.start()
     yield root, server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -169,3 +169,29 @@ def test_serve_config_names_bad_values():
         ServeConfig(run_dir="x", max_k=0)
     with pytest.raises(ValueError, match="rows must be"):
         ServeConfig(run_dir="x", rows="bf16")
+
+
+def test_learn_into_run_refuses_a_run_with_events(run):
+    from olrec.learner import LearnerConfig
+    from olrec.train import learn_into_run
+
+    root, _ = run
+    with pytest.raises(ValueError, match="is not empty"):
+        learn_into_run(Catalog(root / "log", ml100k_spec()).read_new(), ml100k_spec(), LearnerConfig(), root)
+
+
+def test_the_catalog_batch_is_what_encode_gives(run):
+    root, _ = run
+    c = Catalog(root / "log", ml100k_spec())
+    c.add(c.read_new())
+    items = np.array([1, 50, 999_999, 1, 181])  # an unknown item, a repeat
+    for user, ctx in [(259, {}), (259, {"occupation": "writer"}), (10**9, {}), (10**9, {"age": "25-34"})]:
+        got, want = c.batch(user, items, ctx), encode(c.events(user, items, ctx), c.spec)
+        assert got.keys.keys() == want.keys.keys()
+        for f in want.keys:
+            np.testing.assert_array_equal(got.keys[f], want.keys[f], err_msg=f)
+        for f in want.multi:
+            for a, b in zip(got.multi[f], want.multi[f]):
+                np.testing.assert_array_equal(a, b, err_msg=f)
+        np.testing.assert_array_equal(got.numeric, want.numeric)
+        np.testing.assert_array_equal(got.label, want.label)
