@@ -321,6 +321,8 @@ def run_serve(args: argparse.Namespace) -> None:
         opts["triton_url"] = args.triton_url or triton.url
     cfg = serve_config(opts)
     stop = threading.Event()
+    for s in (signal.SIGINT, signal.SIGTERM):  # from here on, Ctrl-C means: shut down cleanly
+        signal.signal(s, lambda *_: stop.set())
     try:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=False)
@@ -331,9 +333,8 @@ def run_serve(args: argparse.Namespace) -> None:
         serve.start(grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=SERVICER_FUNCTIONS))
         serve.run(application(cfg, num_replicas=args.replicas, ray_actor_options={"num_cpus": args.replica_cpus}),
                   name="olrec", route_prefix="/olrec")
-        print(f"olrec: serving {paths.root} on gRPC port {args.port} (Ctrl-C to stop)", file=sys.stderr)
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda *_: stop.set())
+        if not stop.is_set():
+            print(f"olrec: serving {paths.root} on gRPC port {args.port} (Ctrl-C to stop)", file=sys.stderr)
         while not stop.wait(0.5):
             pass
     finally:

@@ -144,9 +144,9 @@ def _string_keys(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if isinstance(enc, pa.ChunkedArray):
         enc = enc.combine_chunks() if enc.num_chunks != 1 else enc.chunk(0)
     dict_keys = hash_strings(enc.dictionary.to_numpy(zero_copy_only=False))
-    idx = enc.indices.to_numpy(zero_copy_only=False)
     nulls = pc.is_null(enc.indices).to_numpy(zero_copy_only=False)
-    out = dict_keys[np.where(nulls, 0, idx)] if len(dict_keys) else np.zeros(len(idx), np.int64)
+    idx = pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False)  # with nulls left in, numpy makes them float
+    out = dict_keys[idx] if len(dict_keys) else np.zeros(len(idx), np.int64)
     return np.where(nulls, -1, out)  # a missing value is its own key
 
 

@@ -389,6 +389,7 @@ class Update:
     watermark: int
     source: str
     events: pa.Table | None = None
+    mirrors: dict[str, RowMirror] | None = None  # a full reload's rows, built off the request path
 
 
 TABLES = ("sparse", "counters", "wide")
@@ -413,7 +414,7 @@ class ServingModel:
         self._published_mtime = 0.0
         self._versions: dict[str, list[int]] = {}
         self._force_full = False  # a shard went back in version: pull everything again
-        self._item_cache: tuple[int, int, np.ndarray, np.ndarray] | None = None
+        self._item_cache: tuple[RowMirror, tuple, np.ndarray, np.ndarray] | None = None
         self.user_field = self.spec.sparse_fields.index("user_id")
         self.item_field = self.spec.sparse_fields.index("item_id")
         self.refreshes = 0
@@ -469,7 +470,7 @@ class ServingModel:
                 self._force_full = True
                 return self._read_live(shards)
             rows[t], versions[t] = (keys, weights), vs
-        return Update(rows, versions, full, dense, watermark, source)
+        return self._update(rows, versions, full, dense, watermark, source)
 
     def _read_checkpoint(self) -> Update:
         from .checkpoint import CheckpointStore
@@ -490,7 +491,17 @@ class ServingModel:
         for t in self.tables:
             keys, weights, vs = learner.store.deltas(t, [-1] * len(learner.store.shards))  # type: ignore[attr-defined]
             rows[t], versions[t] = (keys, weights), vs
-        return Update(rows, versions, True, learner.dense_state_dict(), latest.watermark, source)
+        return self._update(rows, versions, True, learner.dense_state_dict(), latest.watermark, source)
+
+    def _update(self, rows: dict, versions: dict, full: bool, dense: dict | None, watermark: int,
+                source: str) -> Update:
+        """An update; a full one with its mirrors already built here, off the request path."""
+        if not full:
+            return Update(rows, versions, False, dense, watermark, source)
+        mirrors = self._new_mirrors()
+        for t, (keys, weights) in rows.items():
+            mirrors[t].update(keys, weights)
+        return Update({}, versions, True, dense, watermark, source, mirrors=mirrors)
 
     def apply(self, up: Update) -> None:
         """Fold an update in (between requests: nothing here awaits)."""
@@ -499,8 +510,8 @@ class ServingModel:
             self.catalog.add(up.events)
         if up.source == "none":
             return
-        if up.full:
-            self.mirrors = self._new_mirrors()
+        if up.mirrors is not None:
+            self.mirrors = up.mirrors
             self.store = MirrorStore(self.mirrors)
         for t, (keys, weights) in up.rows.items():
             if len(keys):
@@ -544,11 +555,11 @@ class ServingModel:
         """(item ids, (N, dim + 1) vectors and first-order weights) of the catalog."""
         m = self.mirrors["sparse"]
         key = (m.version, self.catalog.items.size)
-        if self._item_cache is None or self._item_cache[:2] != key:
+        cache = self._item_cache
+        if cache is None or cache[0] is not m or cache[1] != key:  # a full reload brings a new mirror
             ids = self.catalog.item_ids()
-            vecs = m.gather(m.rows(tag_keys(ids, self.item_field)))
-            self._item_cache = (*key, ids, vecs)
-        return self._item_cache[2], self._item_cache[3]
+            cache = self._item_cache = (m, key, ids, m.gather(m.rows(tag_keys(ids, self.item_field))))
+        return cache[2], cache[3]
 
     def retrieve(self, user: int, n: int, exclude: Sequence[int]) -> tuple[np.ndarray, bool]:
         """Up to ``n`` candidate items for ``user`` and whether they are personal
@@ -708,7 +719,10 @@ class DenseWatcher:
             tower = DenseTower(len(self.spec.sparse_fields), self.lcfg.dim, self.spec.n_numeric,
                                arch=self.lcfg.arch, hidden=self.lcfg.hidden)
             tower.load_state_dict(state["model"])
-            publish(tower.eval(), self.root, version, self.cfg.precision, calibration=state.get("calibration"),
+            calibration = state.get("calibration")
+            if calibration is None and self.cfg.precision == "int8":
+                calibration = self._calibration()
+            publish(tower.eval(), self.root, version, self.cfg.precision, calibration=calibration,
                     name=self.cfg.triton_model)
         else:
             version = on_disk  # written before (this watcher restarted): Triton may only need to load it
@@ -716,6 +730,23 @@ class DenseWatcher:
             self._load()  # also after a Triton restart: it loads nothing by itself
             self.published = version
         return version
+
+    def _calibration(self) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs of the tower for the log's last 1,024 events, scored by the newest
+        checkpoint (for dense weights saved without their recent inputs)."""
+        from .checkpoint import CheckpointStore
+        from .features import encode
+        from .train import learner_from_checkpoint
+
+        latest = CheckpointStore(self.paths.checkpoints).latest(on_refused=lambda e: None)
+        log = EventLog(self.paths.log, create=False)
+        if latest is None or log.end_offset == 0:
+            raise RuntimeError(f"no calibration inputs for int8: {self.paths.root} has no checkpoint or no events")
+        learner = learner_from_checkpoint(latest.path, self.spec, self.lcfg)
+        end = log.end_offset
+        events = pa.concat_tables(list(log.read(max(0, end - 1024), end)), promote_options="permissive")
+        emb, num, _ = learner.ranking_inputs(encode(events, self.spec))
+        return emb.numpy(), num.numpy()
 
     def _load(self) -> None:
         import tritonclient.grpc as tc

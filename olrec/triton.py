@@ -25,13 +25,10 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
-import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
-
-_UNAVAILABLE = {str(grpc.StatusCode.UNAVAILABLE), str(grpc.StatusCode.DEADLINE_EXCEEDED)}
 
 
 class TritonUnavailable(RuntimeError):
@@ -240,9 +237,9 @@ class TritonRanker:
         return self._client
 
     def _unavailable(self, e: InferenceServerException) -> Exception:
-        if e.status() in _UNAVAILABLE:
-            return TritonUnavailable(f"Triton at {self.url} (model {self.model!r}): {e.message()}")
-        return e
+        """Any Triton error as :class:`TritonUnavailable`: down, past the timeout,
+        or the model not loaded (yet) alike mean no score from Triton now."""
+        return TritonUnavailable(f"Triton at {self.url} (model {self.model!r}): {e.status() or ''} {e.message()}")
 
     async def logits(self, emb: np.ndarray, num: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, str]:
         """Logits (B,) float32 of the dense tower for ``emb`` (B, F, D+1) and ``num``

@@ -109,6 +109,8 @@ class Recommender:
             pb.SCORER_TRITON_INT8 if self.cfg.precision == "int8" else pb.SCORER_TRITON_FP32)
         await self._refresh()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+        # Calls whose client gave up (deadline, cancel): Serve cancels them here, mid-Triton-call included.
+        self.cancelled = {"requests": 0, "triton_calls": 0}
 
     # -- weights ------------------------------------------------------------
     async def _refresh(self) -> None:
@@ -136,6 +138,9 @@ class Recommender:
         try:
             logits, version = await self._triton.logits(emb.numpy(), num.numpy())
             return torch.from_numpy(np.array(logits)), version, self._scorer  # tritonclient's arrays are read-only
+        except asyncio.CancelledError:
+            self.cancelled["triton_calls"] += 1
+            raise
         except TritonUnavailable as e:
             if self.cfg.on_triton_down != "in_process":
                 raise RequestError("UNAVAILABLE", f"the ranking model is unavailable: {e}") from e
@@ -229,10 +234,23 @@ class Recommender:
     async def _answer(self, grpc_context: RayServegRPCContext, empty: type, answer: Any) -> Any:
         try:
             return await answer()
+        except asyncio.CancelledError:
+            self.cancelled["requests"] += 1
+            raise
         except RequestError as e:
             grpc_context.set_code(getattr(grpc.StatusCode, e.code))
             grpc_context.set_details(str(e))
             return empty()
+        except Exception as e:  # a bug: INTERNAL with its message (the proxy cannot unpickle every exception)
+            log.exception("olrec: request failed")
+            grpc_context.set_code(grpc.StatusCode.INTERNAL)
+            grpc_context.set_details(f"{type(e).__name__}: {e}")
+            return empty()
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's counters (through a deployment handle)."""
+        return {"cancelled": dict(self.cancelled), "refreshes": self.model.refreshes,
+                "watermark": None if self.model.snapshot is None else self.model.snapshot.watermark}
 
     def check_health(self) -> None:
         """Serve's replica health check: the refresher must be alive."""

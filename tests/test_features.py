@@ -330,3 +330,16 @@ def test_infer_on_movielens():
     b = encode(t.slice(0, 500), spec)
     f, _ = Counters(spec).features(b, online=True)
     assert np.isfinite(f).all() and f.shape == (500, spec.n_numeric - len(spec.numeric))
+
+
+def test_missing_categorical_values_encode_as_their_own_key():
+    """A null in a string column (an event without that context field) is key -1,
+    and the other values keep the keys they have without nulls around."""
+    from olrec.features import FeatureSpec, encode
+
+    spec = FeatureSpec(categorical=("user_id", "item_id", "city"))
+    base = events([1, 2, 3], [4, 5, 6], [1, 0, 1])
+    with_nulls = encode(base.append_column("city", pa.array(["Oslo", None, "Rome"])), spec)
+    without = encode(base.append_column("city", pa.array(["Oslo", "Rome", "Rome"])), spec)
+    assert with_nulls.keys["city"][1] == -1
+    assert with_nulls.keys["city"][0] == without.keys["city"][0] and with_nulls.keys["city"][2] == without.keys["city"][2]

@@ -222,10 +222,24 @@ def test_fuzzed_replica_stays_healthy(app):
     assert client.code("Recommend", pb.RecommendRequest(user_id=259, k=5)) == grpc.StatusCode.OK
 
 
-def test_a_passed_deadline_is_deadline_exceeded_and_the_replica_carries_on(app):
+def test_a_passed_deadline_is_deadline_exceeded_and_cancels_the_call_in_the_replica(app):
+    from ray import serve
+
     client, _, _ = app
     assert client.code("Recommend", pb.RecommendRequest(user_id=259, k=10), timeout=0.001) == \
         grpc.StatusCode.DEADLINE_EXCEEDED
+    before = serve.get_app_handle(APP).stats.remote().result()["cancelled"]
+    # Deadlines from below to above a Score's latency: some pass while the replica works on the call.
+    codes = [client.code("Score", pb.ScoreRequest(user_id=259, item_ids=range(1, 101)), timeout=ms / 1000)
+             for ms in range(2, 60)]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert grpc.StatusCode.DEADLINE_EXCEEDED in codes and grpc.StatusCode.OK in codes
+    after = serve.get_app_handle(APP).stats.remote().result()["cancelled"]
+    print(f"cancelled in the replica: {after['requests'] - before['requests']} calls, "
+          f"{after['triton_calls'] - before['triton_calls']} of them while waiting on Triton")
+    assert after["requests"] > before["requests"]  # the client's deadline reached the replica's call
+    # Scoring awaits nothing but Triton: a cancel that reaches the replica lands there, and cancels it.
+    assert after["triton_calls"] > before["triton_calls"]
     assert client.code("Recommend", pb.RecommendRequest(user_id=259, k=10)) == grpc.StatusCode.OK
 
 
