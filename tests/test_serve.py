@@ -151,6 +151,10 @@ def test_health_and_reflection(app):
         raise AssertionError("an unknown service was reported healthy")
     except grpc.RpcError as e:
         assert e.code() == grpc.StatusCode.NOT_FOUND
+    watch = client.health.Watch(health_pb2.HealthCheckRequest(service="olrec.v1.Recommender"), metadata=client.md,
+                                timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # the current status first
+    watch.cancel()
     db = ProtoReflectionDescriptorDatabase(client.channel)
     assert {"olrec.v1.Recommender", "grpc.health.v1.Health"} <= set(db.get_services())
     service = DescriptorPool(db).FindServiceByName("olrec.v1.Recommender")
