@@ -3,10 +3,7 @@
 A metric set is declared as a table of :class:`MetricSpec` rows (key, name,
 kind, description, histogram boundaries); :class:`MetricSet` turns the table
 into Ray metrics inside the process that records. :class:`TrainMetrics` is the
-training loop's set; serving adds its own subclass with its own table::
-
-    class ServeMetrics(MetricSet):
-        SPECS = (MetricSpec("requests", "olrec_serve_requests", COUNTER, "Requests answered."), ...)
+training loop's set; :class:`ServeMetrics` a serving replica's.
 
 Recording is a no-op, never an error, where Ray is not initialised in the
 process (a plain ``olrec train`` without a cluster, a unit test): nothing is
@@ -60,6 +57,7 @@ __all__ = [
     "MetricSpec",
     "MetricSet",
     "TrainMetrics",
+    "ServeMetrics",
     "ray_active",
 ]
 
@@ -334,3 +332,22 @@ class TrainMetrics(MetricSet):
 
     def observe_push(self, seconds: float) -> None:
         self.observe("push_latency_s", seconds)
+
+
+class ServeMetrics(MetricSet):
+    """A serving replica's metrics (``serve/app.py``): calls, errors and latency as
+    answered, and the freshness of the weights it holds."""
+
+    SPECS = (
+        MetricSpec("requests", "olrec_serve_requests", COUNTER, "gRPC calls answered by this replica, any status."),
+        MetricSpec("errors", "olrec_serve_errors", COUNTER, "gRPC calls answered with a status other than OK."),
+        MetricSpec("cancelled", "olrec_serve_cancelled", COUNTER,
+                   "Calls cancelled in the replica (the client's deadline passed or it gave up)."),
+        MetricSpec("latency_s", "olrec_serve_latency_seconds", HISTOGRAM,
+                   "Time a call spends in the replica, seconds.", LATENCY_BOUNDARIES_S),
+        MetricSpec("watermark", "olrec_serve_watermark", GAUGE,
+                   "Watermark of the rows served: every log event below it is in them."),
+        MetricSpec("dense_events", "olrec_serve_dense_events", GAUGE,
+                   "Events the replica's dense weights had learned (their version)."),
+        MetricSpec("rows", "olrec_serve_rows", GAUGE, "Sparse rows the replica holds."),
+    )

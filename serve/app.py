@@ -96,8 +96,11 @@ class DensePublisher:
 )
 class Recommender:
     async def __init__(self, cfg: dict, writer: Any = None, publisher: Any = None) -> None:
+        from olrec.telemetry import ServeMetrics
+
         self.cfg = ServeConfig(**cfg)
         self.model = ServingModel(self.cfg)
+        self.metrics = ServeMetrics({"run": Path(self.cfg.run_dir).name})
         self.writer, self.publisher = writer, publisher
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="olrec-refresh")
         self._triton = None
@@ -116,6 +119,10 @@ class Recommender:
     async def _refresh(self) -> None:
         up = await asyncio.get_running_loop().run_in_executor(self._pool, self.model.read_update)
         self.model.apply(up)  # on the event loop, between requests
+        snap = self.model.snapshot
+        if snap is not None:
+            self.metrics.record({"watermark": snap.watermark, "dense_events": float(snap.dense_version),
+                                 "rows": len(self.model.mirrors["sparse"])})
 
     async def _refresh_forever(self) -> None:
         failing = False
@@ -232,10 +239,15 @@ class Recommender:
                                               "(no trainer publishing, no checkpoint)")
 
     async def _answer(self, grpc_context: RayServegRPCContext, empty: type, answer: Any) -> Any:
+        start = time.perf_counter()
+        ok = False
         try:
-            return await answer()
+            out = await answer()
+            ok = True
+            return out
         except asyncio.CancelledError:
             self.cancelled["requests"] += 1
+            self.metrics.inc("cancelled", 1)
             raise
         except RequestError as e:
             grpc_context.set_code(getattr(grpc.StatusCode, e.code))
@@ -246,6 +258,11 @@ class Recommender:
             grpc_context.set_code(grpc.StatusCode.INTERNAL)
             grpc_context.set_details(f"{type(e).__name__}: {e}")
             return empty()
+        finally:
+            self.metrics.inc("requests", 1)
+            if not ok:
+                self.metrics.inc("errors", 1)
+            self.metrics.observe("latency_s", time.perf_counter() - start)
 
     def stats(self) -> dict[str, Any]:
         """This replica's counters (through a deployment handle)."""

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from olrec.telemetry import COUNTER, GAUGE, HISTOGRAM, MetricSet, MetricSpec, TrainMetrics, counter_delta
+from olrec.telemetry import (COUNTER, GAUGE, HISTOGRAM, MetricSet, MetricSpec, ServeMetrics, TrainMetrics,
+                             counter_delta)
 from raycluster import find, parse_prometheus, standalone_head, submit, wait_for, wait_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +54,8 @@ def test_specs_validate_and_name_the_exported_series() -> None:
     assert names["events_trained"] == "ray_olrec_train_events_total"
     assert names["watermark"] == "ray_olrec_train_watermark"
     assert names["pull_latency_s"] == "ray_olrec_train_pull_latency_seconds"
+    serve = {s.key: s.exported for s in ServeMetrics({"run": "r"}).specs}
+    assert serve["requests"] == "ray_olrec_serve_requests_total" and serve["watermark"] == "ray_olrec_serve_watermark"
     with pytest.raises(ValueError, match="'olrec_'"):
         MetricSpec("x", "train_x", GAUGE, "no prefix")
     with pytest.raises(ValueError, match="boundaries"):
