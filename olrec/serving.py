@@ -35,7 +35,7 @@ import torch
 
 from .features import Batch, FeatureSpec, _column_keys, _string_keys
 from .ids import EMPTY, IdMap, grown, tag_keys
-from .learner import LearnerConfig, OnlineLearner
+from .learner import OnlineLearner
 from .log import EventLog
 from .ps import Fetch, Pulled, ShardedTables
 from .schema import MULTI_SEP, RESERVED
