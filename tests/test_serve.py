@@ -2,13 +2,16 @@
 reflection, bad input, deadlines, and Triton going away and coming back.
 
 One app per module on the session's Serve instance (``serve_grpc``), serving a
-checkpoint (serving-only mode) with the int8 ranking model in a real Triton.
+checkpoint (serving-only mode) with the int8 ranking model in a real Triton;
+the last tests redeploy it (the Triton fallback, then 2 replicas, one killed).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -284,3 +287,49 @@ def test_with_the_fallback_configured_triton_down_scores_in_process_and_says_so(
     finally:
         server.start()
     wait_for(lambda: client("Score", req).scorer == pb.SCORER_TRITON_INT8, 60, "Triton scoring again")
+
+
+def test_one_of_two_replicas_killed_under_steady_load_fails_at_most_one_percent(app):
+    """Last in this module: it redeploys the app with 2 replicas (Triton scoring)."""
+    import ray
+    from ray import serve
+
+    from serve.app import application
+
+    client, root, server = app
+    cfg = ServeConfig(run_dir=str(root), triton_url=server.url, feedback_token=TOKEN, max_k=50, max_ids=100,
+                      candidates=100)
+    serve.run(application(cfg, num_replicas=2, ray_actor_options={"num_cpus": 0.25}), name=APP, route_prefix=f"/{APP}")
+    rate, seconds = 100, 21  # >= 2,000 requests over >= 20 s
+    results: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        code = client.code("Recommend", pb.RecommendRequest(user_id=259 + i % 50, k=10), timeout=10)
+        with lock:
+            results.append(code)
+
+    def replicas() -> list[str]:
+        """Names of the live Recommender replicas (Serve names them SERVE_REPLICA::<app>#<deployment>#<id>)."""
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(f"SERVE_REPLICA::{APP}#Recommender#")]
+
+    wait_for(lambda: len(replicas()) == 2, 60, "2 replicas")
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        for i in range(rate * seconds):
+            if i == rate * seconds // 3:
+                victim = replicas()[0]
+                ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))  # open loop: on schedule
+            pool.submit(one, i)
+    failed = [c for c in results if c != grpc.StatusCode.OK]
+    print(f"{len(results)} requests over {time.monotonic() - start:.1f} s, {len(failed)} failed: {set(failed)}")
+    assert len(results) >= 2_000 and time.monotonic() - start >= 20
+    assert len(failed) <= 0.01 * len(results)
+
+    def recovered() -> bool:
+        status = serve.status().applications[APP].deployments["Recommender"].status
+        return status == "HEALTHY" and len(replicas()) == 2 and victim not in replicas()
+
+    wait_for(recovered, 120, "the deployment back at 2 healthy replicas")
