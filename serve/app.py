@@ -102,6 +102,8 @@ class Recommender:
         self.model = ServingModel(self.cfg)
         self.metrics = ServeMetrics({"run": Path(self.cfg.run_dir).name})
         self.writer, self.publisher = writer, publisher
+        # Calls whose client gave up (deadline, cancel): Serve cancels them here, mid-Triton-call included.
+        self.cancelled = {"requests": 0, "triton_calls": 0}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="olrec-refresh")
         self._triton = None
         if self.cfg.scorer == "triton":
@@ -112,8 +114,6 @@ class Recommender:
             pb.SCORER_TRITON_INT8 if self.cfg.precision == "int8" else pb.SCORER_TRITON_FP32)
         await self._refresh()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
-        # Calls whose client gave up (deadline, cancel): Serve cancels them here, mid-Triton-call included.
-        self.cancelled = {"requests": 0, "triton_calls": 0}
 
     # -- weights ------------------------------------------------------------
     async def _refresh(self) -> None:
@@ -139,7 +139,8 @@ class Recommender:
     async def _tower(self, snap: Any, emb: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, str, int]:
         """The ranking tower's logits, the dense version that gave them and the scorer."""
         if self._triton is None:
-            return snap.learner.model(emb, num), snap.dense_version, self._scorer
+            with torch.no_grad():
+                return snap.learner.model(emb, num), snap.dense_version, self._scorer
         from olrec.triton import TritonUnavailable
 
         try:
