@@ -268,6 +268,53 @@ def test_triton_stopped_gives_unavailable_then_recovers(app):
     wait_for(lambda: client.code("Score", req) == grpc.StatusCode.OK, 60, "scores once Triton is back")
 
 
+def test_a_new_checkpoint_swaps_rows_and_the_triton_version_under_load(app):
+    """Feedback appends events; learning them gives a newer checkpoint. Replicas
+    reload its rows and watermark, the publisher has Triton load its dense
+    version, and calls running through all of it never fail."""
+    import numpy as np
+    import torch
+
+    from olrec.checkpoint import CheckpointStore
+    from olrec.features import encode, ml100k_spec
+    from olrec.learner import LearnerConfig
+    from olrec.train import learner_from_checkpoint
+
+    client, root, _ = app
+    req = pb.ScoreRequest(user_id=259, item_ids=[1, 2, 3])
+    old = client("Score", req)
+    events = [pb.Event(user_id=259 + i % 7, item_id=1 + i % 11, label=i % 2) for i in range(100)]
+    offsets = client("Feedback", pb.FeedbackRequest(events=events), token=TOKEN).offsets
+    end = offsets[-1] + 1
+    ckpts = CheckpointStore(root / "checkpoints")
+    learner = learner_from_checkpoint(ckpts.latest().path, ml100k_spec(), LearnerConfig())
+    for t in EventLog(root / "log", create=False).read(old.watermark, end):
+        learner.step(encode(t, ml100k_spec()))
+    staging = ckpts.stage()
+    learner.store.snapshot(str(staging))
+    torch.save(learner.dense_state_dict(), staging / "dense.pt")
+    np.savez(staging / "progress.npz", offsets=np.zeros(0), preds=np.zeros(0), labels=np.zeros(0))
+
+    codes: list[grpc.StatusCode] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            codes.append(client.code("Score", req))
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        ckpts.commit(staging, end, {"events": int(learner.events)})
+        new = wait_for(lambda: (r := client("Score", req)).dense_version == str(learner.events) and r, 90,
+                       "answers from the new dense version in Triton")
+    finally:
+        stop.set()
+        worker.join(30)
+    assert new.watermark == end and new.scorer == pb.SCORER_TRITON_INT8
+    assert codes and set(codes) == {grpc.StatusCode.OK}, {c: codes.count(c) for c in set(codes)}
+
+
 def test_with_the_fallback_configured_triton_down_scores_in_process_and_says_so(app, serve_grpc):
     from ray import serve
 
