@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +44,9 @@ from .features import FeatureSpec, encode
 from .learner import LearnerConfig, OnlineLearner
 from .log import OFFSET
 from .metrics import auc as auc_of
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointStore
 
 
 @dataclass(frozen=True)
@@ -541,12 +544,9 @@ def _worker(config: dict) -> None:
     def checkpoint() -> None:
         nonlocal last_ckpt, ckpt_events, ckpt_time
         if rank == 0:
-            staging = ckpts.stage()
-            store.snapshot(str(staging))
-            torch.save(learner.dense_state_dict(), staging / "dense.pt")
             o, p, y = progress.arrays()
             keep = o < applied.watermark
-            np.savez(staging / "progress.npz", offsets=o[keep], preds=p[keep], labels=y[keep])
+            staging = stage_checkpoint(ckpts, learner, (o[keep], p[keep], y[keep]))
             ckpts.commit(staging, applied.watermark, {"events": int(learner.events), "workers": world,
                                                       "shards": len(job.shards)})
         last_ckpt, ckpt_events, ckpt_time = time.monotonic(), learner.events, time.time()
@@ -622,6 +622,20 @@ def learner_from_checkpoint(path: str | Path, spec: FeatureSpec, cfg: LearnerCon
     return learner
 
 
+def stage_checkpoint(ckpts: CheckpointStore, learner: OnlineLearner,
+                     progress: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Path:
+    """Stage a checkpoint of a learner whose rows live in shards (a
+    :class:`~olrec.ps.ShardedTables`): every shard's snapshot, the dense state
+    and the progressive (offsets, predictions, labels) below its watermark.
+    Commit it with ``ckpts.commit(staging, watermark, meta)``."""
+    staging = ckpts.stage()
+    learner.store.snapshot(str(staging))  # type: ignore[attr-defined]
+    torch.save(learner.dense_state_dict(), staging / "dense.pt")
+    o, p, y = progress if progress is not None else (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+    np.savez(staging / "progress.npz", offsets=o, preds=p, labels=y)
+    return staging
+
+
 def learn_into_run(events: pa.Table, spec: FeatureSpec, cfg: LearnerConfig, run_dir: str | Path,
                    shards: int = 1) -> OnlineLearner:
     """Learn ``events`` in this process into a run directory, with no Ray
@@ -643,11 +657,7 @@ def learn_into_run(events: pa.Table, spec: FeatureSpec, cfg: LearnerConfig, run_
         for at in range(0, table.num_rows, cfg.batch_size):
             learner.step(encode(table.slice(at, cfg.batch_size), spec))
     ckpts = CheckpointStore(paths.checkpoints)
-    staging = ckpts.stage()
-    store.snapshot(str(staging))
-    torch.save(learner.dense_state_dict(), staging / "dense.pt")
-    np.savez(staging / "progress.npz", offsets=np.zeros(0, np.int64), preds=np.zeros(0), labels=np.zeros(0))
-    ckpts.commit(staging, n, {"events": int(learner.events), "workers": 0, "shards": shards})
+    ckpts.commit(stage_checkpoint(ckpts, learner), n, {"events": int(learner.events), "workers": 0, "shards": shards})
     write_model(paths, spec, cfg, shards)
     return learner
 

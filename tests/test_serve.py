@@ -272,13 +272,10 @@ def test_a_new_checkpoint_swaps_rows_and_the_triton_version_under_load(app):
     """Feedback appends events; learning them gives a newer checkpoint. Replicas
     reload its rows and watermark, the publisher has Triton load its dense
     version, and calls running through all of it never fail."""
-    import numpy as np
-    import torch
-
     from olrec.checkpoint import CheckpointStore
     from olrec.features import encode, ml100k_spec
     from olrec.learner import LearnerConfig
-    from olrec.train import learner_from_checkpoint
+    from olrec.train import learner_from_checkpoint, stage_checkpoint
 
     client, root, _ = app
     req = pb.ScoreRequest(user_id=259, item_ids=[1, 2, 3])
@@ -290,10 +287,7 @@ def test_a_new_checkpoint_swaps_rows_and_the_triton_version_under_load(app):
     learner = learner_from_checkpoint(ckpts.latest().path, ml100k_spec(), LearnerConfig())
     for t in EventLog(root / "log", create=False).read(old.watermark, end):
         learner.step(encode(t, ml100k_spec()))
-    staging = ckpts.stage()
-    learner.store.snapshot(str(staging))
-    torch.save(learner.dense_state_dict(), staging / "dense.pt")
-    np.savez(staging / "progress.npz", offsets=np.zeros(0), preds=np.zeros(0), labels=np.zeros(0))
+    staging = stage_checkpoint(ckpts, learner)
 
     codes: list[grpc.StatusCode] = []
     stop = threading.Event()
