@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -308,7 +307,8 @@ class Catalog:
         return self.item_ids()[order]
 
     def batch(self, user: int, items: np.ndarray, context: Mapping[str, Any]) -> Batch:
-        """The (user, item) pairs as an unlabelled batch (what ``encode`` of :meth:`events` gives)."""
+        """The (user, item) pairs as an unlabelled batch: what ``encode`` gives for
+        them as events with the log's raw values (a test checks it)."""
         n = len(items)
         rows = self.items.get(items)
         known = rows >= 0
@@ -335,23 +335,6 @@ class Catalog:
                    else np.zeros((n, 0), np.float32))
         return Batch(keys=keys, multi=multi, numeric=numeric, label=np.zeros(n, np.float32),
                      ts=np.full(n, time.time()), weight=np.ones(n, np.float32))
-
-    def events(self, user: int, items: np.ndarray, context: Mapping[str, Any]) -> pa.Table:
-        """The (user, item) pairs as unlabelled events with every feature column
-        from the log's raw values (what :meth:`batch` encodes without a table)."""
-        t = self.log.read(0, self.end, columns=["item_id", *(self.item_side or ())])
-        raw = pa.concat_tables(list(t)).to_pandas().drop_duplicates("item_id", keep="last").set_index("item_id")
-        n = len(items)
-        cols: dict[str, Any] = {"user_id": pa.array(np.full(n, user, np.int64)), "item_id": pa.array(items),
-                                "ts": pa.array(np.full(n, time.time())), "label": pa.array(np.zeros(n, np.int8))}
-        profile = self.users.get(int(user), {})
-        for c in self.features:
-            if c in self.item_values:
-                vals = raw[c].reindex(items)
-                cols[c] = pa.array([None if pd.isna(x) else x for x in vals], type=self._type(c))
-            else:
-                cols[c] = pa.array([context.get(c, profile.get(c))] * n, type=self._type(c))
-        return pa.table(cols)
 
 
 def _repeat(value: Any, n: int) -> np.ndarray:
@@ -390,6 +373,7 @@ class Update:
     source: str
     events: pa.Table | None = None
     mirrors: dict[str, RowMirror] | None = None  # a full reload's rows, built off the request path
+    published_mtime: float | None = None  # of the published.pt that ``dense`` came from
 
 
 TABLES = ("sparse", "counters", "wide")
@@ -459,7 +443,6 @@ class ServingModel:
         dense = None
         if full or mtime != self._published_mtime:
             dense = torch.load(self.paths.published, weights_only=False, map_location="cpu")
-            dense["mtime"] = mtime
         watermark = dense["watermark"] if dense is not None else self.snapshot.watermark  # type: ignore[union-attr]
         store = ShardedTables(shards)
         rows, versions = {}, {}
@@ -470,7 +453,9 @@ class ServingModel:
                 self._force_full = True
                 return self._read_live(shards)
             rows[t], versions[t] = (keys, weights), vs
-        return self._update(rows, versions, full, dense, watermark, source)
+        up = self._update(rows, versions, full, dense, watermark, source)
+        up.published_mtime = mtime if dense is not None else None
+        return up
 
     def _read_checkpoint(self) -> Update:
         from .checkpoint import CheckpointStore
@@ -495,7 +480,8 @@ class ServingModel:
 
     def _update(self, rows: dict, versions: dict, full: bool, dense: dict | None, watermark: int,
                 source: str) -> Update:
-        """An update; a full one with its mirrors already built here, off the request path."""
+        """An update; a full one (it always carries dense weights) with its mirrors
+        already built here, off the request path."""
         if not full:
             return Update(rows, versions, False, dense, watermark, source)
         mirrors = self._new_mirrors()
@@ -518,22 +504,15 @@ class ServingModel:
                 self.mirrors[t].update(keys, weights)
         if up.versions:
             self._versions = up.versions
-        if up.dense is not None or up.full or self.snapshot is None:
+        if up.published_mtime is not None:
+            self._published_mtime = up.published_mtime
+        if up.dense is not None:  # new dense weights (always, with new mirrors): a new snapshot learner
             learner = OnlineLearner(self.spec, self.lcfg, store=self.store)
-            dense = up.dense if up.dense is not None else self._dense_of(self.snapshot)
-            _load_dense(learner, dense)
-            if "mtime" in dense:
-                self._published_mtime = dense["mtime"]
-            self.snapshot = Snapshot(learner, int(up.watermark), str(int(dense["events"])), up.source)
+            _load_dense(learner, up.dense)
+            self.snapshot = Snapshot(learner, int(up.watermark), str(int(up.dense["events"])), up.source)
         else:
+            assert self.snapshot is not None  # the first update of a source is full
             self.snapshot = Snapshot(self.snapshot.learner, int(up.watermark), self.snapshot.dense_version, up.source)
-
-    @staticmethod
-    def _dense_of(snap: Snapshot | None) -> dict:
-        assert snap is not None
-        ln = snap.learner
-        return {"model": ln.model.state_dict(), "blend": ln.blend.state_dict(), "events": ln.events,
-                "wide_dense": None if ln.wide is None else ln.wide.dense, "total": ln.counters.total}
 
     @property
     def ready(self) -> bool:
@@ -691,17 +670,24 @@ class DenseWatcher:
         self.spec, self.lcfg, _ = read_model(self.paths.root)
         self.root = self.paths.root / "triton"
         self.published: int | None = None  # the version Triton last loaded
+        self._newest: tuple[tuple, dict | None] = ((), None)  # (what it was read from, the state)
 
     def newest(self) -> dict | None:
-        """The newest dense state of the run (``events``, ``model``, ``calibration``)."""
+        """The newest dense state of the run (``events``, ``model``, ``calibration``);
+        read again only when ``published.pt`` or the newest checkpoint changed."""
         from .checkpoint import CheckpointStore
 
-        best = None
-        if self.paths.published.is_file():
-            best = torch.load(self.paths.published, weights_only=False, map_location="cpu")
+        pub = self.paths.published
         ckpts = CheckpointStore(self.paths.checkpoints).list(on_refused=lambda e: None)
+        key = (pub.stat().st_mtime if pub.is_file() else None, ckpts[-1].path if ckpts else None)
+        if key == self._newest[0]:
+            return self._newest[1]
+        best = None
+        if key[0] is not None:
+            best = torch.load(pub, weights_only=False, map_location="cpu")
         if ckpts and (best is None or int(ckpts[-1].meta.get("events", 0)) > int(best["events"])):
             best = torch.load(ckpts[-1].file("dense.pt"), weights_only=False, map_location="cpu")
+        self._newest = (key, best)
         return best
 
     def step(self) -> int | None:

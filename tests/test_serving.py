@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +21,24 @@ from olrec.v1 import recommender_pb2 as pb
 from servingrun import ML100K, make_run
 
 pytestmark = pytest.mark.skipif(not ML100K.is_dir(), reason="MovieLens-100K not beside the repo")
+
+
+def raw_events(c: Catalog, user: int, items: np.ndarray, context: dict) -> pa.Table:
+    """The (user, item) pairs as unlabelled events with every feature column from
+    the log's raw values: what ``Catalog.batch`` must encode to, built the slow way."""
+    raw = pa.concat_tables(list(c.log.read(0, c.end, columns=["item_id", *c.item_side]))).to_pandas()
+    raw = raw.drop_duplicates("item_id", keep="last").set_index("item_id")
+    n = len(items)
+    cols = {"user_id": pa.array(np.full(n, user, np.int64)), "item_id": pa.array(items),
+            "ts": pa.array(np.zeros(n)), "label": pa.array(np.zeros(n, np.int8))}
+    profile = c.users.get(int(user), {})
+    for f in c.features:
+        kind = pa.float64() if f in c.spec.numeric else pa.string()
+        if f in c.item_side:
+            cols[f] = pa.array([None if pd.isna(x) else x for x in raw[f].reindex(items)], type=kind)
+        else:
+            cols[f] = pa.array([context.get(f, profile.get(f))] * n, type=kind)
+    return pa.table(cols)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +89,7 @@ def test_catalog_tells_item_side_from_user_side_fields(run):
     assert c.item_side == ["genres", "year"]
     assert c.user_side == ["age", "gender", "occupation", "zip"]
     assert c.read_new() is None  # nothing new
-    t = c.events(259, np.array([1, 999_999]), {"occupation": "writer"})
+    t = raw_events(c, 259, np.array([1, 999_999]), {"occupation": "writer"})
     row = t.to_pylist()
     assert row[0]["genres"] == "Animation|Children's|Comedy" and row[1]["genres"] is None  # unknown item: no profile
     assert row[0]["occupation"] == "writer" and row[0]["gender"] == c.users[259]["gender"]
@@ -87,7 +107,7 @@ def test_serving_only_mode_scores_as_the_trained_learner(run, rows, tol):
     items = np.array([1, 50, 100, 181, 242])
     snap, emb, num, p_wide = model.inputs(first_user, items, {})
     served = snap.learner.blend_probs(snap.learner.model(emb, num), p_wide)
-    expect = learner.predict(encode(model.catalog.events(first_user, items, {}), model.spec))
+    expect = learner.predict(encode(raw_events(model.catalog, first_user, items, {}), model.spec))
     np.testing.assert_allclose(served, expect, atol=tol)
 
 
@@ -186,7 +206,7 @@ def test_the_catalog_batch_is_what_encode_gives(run):
     c.add(c.read_new())
     items = np.array([1, 50, 999_999, 1, 181])  # an unknown item, a repeat
     for user, ctx in [(259, {}), (259, {"occupation": "writer"}), (10**9, {}), (10**9, {"age": "25-34"})]:
-        got, want = c.batch(user, items, ctx), encode(c.events(user, items, ctx), c.spec)
+        got, want = c.batch(user, items, ctx), encode(raw_events(c, user, items, ctx), c.spec)
         assert got.keys.keys() == want.keys.keys()
         for f in want.keys:
             np.testing.assert_array_equal(got.keys[f], want.keys[f], err_msg=f)
