@@ -176,7 +176,9 @@ def encode(table: pa.Table, spec: FeatureSpec) -> Batch:
         numeric = np.nan_to_num(numeric.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     else:
         numeric = np.zeros((n, 0), np.float32)
-    weight = (table["weight"].to_numpy(zero_copy_only=False).astype(np.float32)
+    # A row without a weight (a segment that had none, e.g. file events
+    # streamed together with Feedback events) weighs 1, as a missing column does.
+    weight = (pc.fill_null(table["weight"], 1.0).to_numpy(zero_copy_only=False).astype(np.float32)
               if "weight" in table.column_names else np.ones(n, np.float32))
     return Batch(keys=keys, multi=multi, numeric=numeric,
                  label=table["label"].to_numpy(zero_copy_only=False).astype(np.float32),

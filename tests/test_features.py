@@ -131,6 +131,14 @@ def test_encode_keys_multi_and_labels():
         encode(t.drop(["genres"]), SPEC)
 
 
+def test_rows_without_a_weight_weigh_one_when_streamed_with_weighted_rows():
+    # File events (no weight column) and Feedback events (weight 0.5) in one batch, as the trainer concatenates them.
+    weighted = events([9], [4], [1], ["Drama"]).append_column("weight", pa.array([0.5], pa.float32()))
+    t = pa.concat_tables([events([7, 8], [1, 2], [1, 0], ["Action", "Drama"]), weighted], promote_options="default")
+    assert t["weight"].null_count == 2
+    assert encode(t, SPEC).weight.tolist() == [1.0, 1.0, 0.5]
+
+
 def test_counter_keys_cross_with_multi_field():
     t = events([1, 2, 1, 1], [5, 5, 6, 7], [0, 1, 0, 1], ["Action|Comedy", "Action", "Comedy|Drama|Action", "Drama"])
     b = encode(t, SPEC)
