@@ -56,10 +56,15 @@ class ServeConfig:
     on_triton_down: Literal["unavailable", "in_process"] = "unavailable"
     rows: RowDtype = "fp16"  # how the replica keeps sparse rows
     refresh_s: float = 0.2  # between pulls of changed rows
+    #: Between looks for a newer dense version to quantize and load into Triton
+    #: (each load costs Triton a model instance: seconds of CPU on a small machine).
+    publish_s: float = 2.0
     max_k: int = 100
     max_ids: int = 1000  # item ids in Score, exclude ids in Recommend, events in Feedback
     candidates: int = 200  # retrieved for ranking by Recommend
     exclude_clicked: bool = True
+    #: The Kubernetes model repository's instance group: KIND_GPU for a Triton with GPUs (k8s/overlays/gpu).
+    triton_gpu: bool = False
     feedback_token: str | None = None  # Feedback needs "authorization: Bearer <token>" when set
 
     def __post_init__(self) -> None:
@@ -72,7 +77,7 @@ class ServeConfig:
         need(self.on_triton_down in ("unavailable", "in_process"),
              f"on_triton_down must be 'unavailable' or 'in_process', got {self.on_triton_down!r}")
         need(self.rows in ("fp32", "fp16", "int8"), f"rows must be 'fp32', 'fp16' or 'int8', got {self.rows!r}")
-        for name in ("triton_timeout_s", "refresh_s"):
+        for name in ("triton_timeout_s", "refresh_s", "publish_s"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and v > 0 and math.isfinite(v), f"{name} must be a positive number, got {v!r}")
         for name in ("max_k", "max_ids", "candidates"):
@@ -196,6 +201,9 @@ class Catalog:
     its :class:`~olrec.features.Batch` without encoding the candidates again."""
 
     SAMPLE = 50_000
+    #: Events to judge the sides from while the log is still growing: from its
+    #: first few events every field looks item-side (each item seen once).
+    MIN_SIDES = 2_000
     _CACHE = 100_000  # encoded request values kept
 
     def __init__(self, log_dir: str | Path, spec: FeatureSpec) -> None:
@@ -211,6 +219,7 @@ class Catalog:
         self.users: dict[int, dict[str, Any]] = {}  # user -> last user-side values
         self.clicked: dict[int, set[int]] = {}
         self._encoded: dict[tuple[str, Any], Any] = {}
+        self._undecided = 0  # events seen before the sides were decided
 
     def read_new(self) -> pa.Table | None:
         """Events appended since the last read (off the request path)."""
@@ -223,6 +232,10 @@ class Catalog:
     def add(self, t: pa.Table) -> None:
         """Fold newly read events in (between requests)."""
         if self.item_side is None:
+            if self._undecided < t.num_rows < self.MIN_SIDES:
+                # Few events, and more arriving: left unread, so the next refresh reads them all again.
+                self._undecided = t.num_rows
+                return
             self._decide_sides(t.slice(0, self.SAMPLE))
         users = t["user_id"].to_numpy()
         items = t["item_id"].to_numpy()
@@ -709,7 +722,7 @@ class DenseWatcher:
             if calibration is None and self.cfg.precision == "int8":
                 calibration = self._calibration()
             publish(tower.eval(), self.root, version, self.cfg.precision, calibration=calibration,
-                    name=self.cfg.triton_model)
+                    name=self.cfg.triton_model, gpu=self.cfg.triton_gpu)
         else:
             version = on_disk  # written before (this watcher restarted): Triton may only need to load it
         if version != self.published or not self._serving(version):

@@ -63,6 +63,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+#: The niceness Ray gives its worker processes on Linux (Ray's default ``worker_niceness``).
+RAY_WORKER_NICENESS = 15
+
+
 class TritonServer:
     """The tritonserver binary bundled with pytriton, as a subprocess serving
     ``model_repository`` (explicit model control: ``models`` load at start).
@@ -73,7 +77,7 @@ class TritonServer:
     def __init__(self, model_repository: str | Path, models: Sequence[str] = ("olrec_ranker",), *,
                  grpc_port: int | None = None, http_port: int | None = None, metrics_port: int | None = None,
                  log_path: str | Path | None = None, start_timeout_s: float = 60.0,
-                 stop_timeout_s: float = 10.0) -> None:
+                 stop_timeout_s: float = 10.0, niceness: int = 0) -> None:
         import pytriton  # only the local server needs it; replicas on k8s use TritonRanker alone
 
         self.repository = Path(model_repository)
@@ -83,6 +87,9 @@ class TritonServer:
         free = iter(_free_ports(3))
         self.grpc_port, self.http_port, self.metrics_port = (p or next(free) for p in (grpc_port, http_port, metrics_port))
         self.start_timeout_s, self.stop_timeout_s = start_timeout_s, stop_timeout_s
+        #: Next to a local Ray cluster pass RAY_WORKER_NICENESS: Ray runs its workers at that
+        #: niceness, and a Triton at 0 loading a model would starve the replicas calling it.
+        self.niceness = niceness
         self._dist = Path(pytriton.__file__).parent / "tritonserver"
         self._work = Path(tempfile.mkdtemp(prefix="olrec-triton-"))
         self.log_path = Path(log_path) if log_path is not None else self._work / "tritonserver.log"
@@ -126,7 +133,8 @@ class TritonServer:
         return env
 
     def _command(self) -> list[str]:
-        return [str(self._dist / "bin" / "tritonserver"),
+        nice = ["nice", "-n", str(self.niceness)] if self.niceness else []
+        return [*nice, str(self._dist / "bin" / "tritonserver"),
                 f"--model-repository={self.repository}", f"--backend-directory={self._backends()}",
                 "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models),
                 f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}",

@@ -82,7 +82,8 @@ class DensePublisher:
                 await loop.run_in_executor(None, self.watcher.step)
             except Exception as e:  # keep publishing later versions; replicas keep the last one
                 log.warning("olrec: publishing the dense tower to Triton failed: %s", e)
-            await asyncio.sleep(self.every_s)
+            # Until Triton holds a version the replicas answer UNAVAILABLE: look again soon.
+            await asyncio.sleep(self.every_s if self.watcher.published is not None else min(self.every_s, 0.5))
 
     def version(self) -> int | None:
         return self.watcher.published
@@ -305,7 +306,7 @@ def application(cfg: ServeConfig, **options: Any) -> serve.Application:
     if "num_replicas" in options:  # a fixed count replaces the autoscaling config
         options.setdefault("autoscaling_config", None)
     writer = LogWriter.bind(str(Path(cfg.run_dir) / "log"))
-    publisher = DensePublisher.bind(plain) if cfg.scorer == "triton" else None
+    publisher = DensePublisher.bind(plain, cfg.publish_s) if cfg.scorer == "triton" else None
     return (Recommender.options(**options) if options else Recommender).bind(plain, writer, publisher)
 
 

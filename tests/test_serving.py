@@ -95,6 +95,29 @@ def test_catalog_tells_item_side_from_user_side_fields(run):
     assert row[0]["occupation"] == "writer" and row[0]["gender"] == c.users[259]["gender"]
 
 
+def test_catalog_waits_for_enough_events_to_tell_the_sides(tmp_path):
+    from olrec.log import EventLog
+    from olrec.sources import read_ml100k
+
+    events = read_ml100k(ML100K)
+    with EventLog(tmp_path / "log") as log:
+        log.append(events.slice(0, 100))  # one event per item so far: every field looks item-side
+        c = Catalog(tmp_path / "log", ml100k_spec())
+        c.add(c.read_new())
+        assert c.item_side is None and c.end == 0  # the log is growing: read again next time
+        log.append(events.slice(100, 2_000))
+        c.add(c.read_new())  # enough events (2,100) to judge
+    assert c.item_side == ["genres", "year"] and c.end == 2_100
+    # A log that stays small is judged on its second read.
+    with EventLog(tmp_path / "small") as log:
+        log.append(events.slice(0, 500))
+    small = Catalog(tmp_path / "small", ml100k_spec())
+    small.add(small.read_new())
+    assert small.item_side is None
+    small.add(small.read_new())
+    assert small.item_side is not None and small.end == 500
+
+
 @pytest.mark.parametrize("rows,tol", [("fp32", 1e-6), ("fp16", 2e-3)])
 def test_serving_only_mode_scores_as_the_trained_learner(run, rows, tol):
     root, learner = run
