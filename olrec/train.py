@@ -130,6 +130,13 @@ class RunPaths:
         return self.root / "metrics.json"
 
     @property
+    def checkpoint_request(self) -> Path:
+        """Created to ask for a checkpoint at the next round; rank 0 removes it
+        once that checkpoint is committed (``olrec demo`` snapshots its frozen
+        baseline this way)."""
+        return self.root / "CHECKPOINT"
+
+    @property
     def stop_file(self) -> Path:
         """Created to end a continuous run (the driver does on SIGINT/SIGTERM)."""
         return self.root / "STOP"
@@ -549,6 +556,7 @@ def _worker(config: dict) -> None:
             staging = stage_checkpoint(ckpts, learner, (o[keep], p[keep], y[keep]))
             ckpts.commit(staging, applied.watermark, {"events": int(learner.events), "workers": world,
                                                       "shards": len(job.shards)})
+            paths.checkpoint_request.unlink(missing_ok=True)
         last_ckpt, ckpt_events, ckpt_time = time.monotonic(), learner.events, time.time()
 
     while True:
@@ -572,7 +580,8 @@ def _worker(config: dict) -> None:
         if rank == 0:
             want[1] = float(now - last_report >= tc.report_every_s)
             due_events = tc.checkpoint_every_events is not None and learner.events - ckpt_events >= tc.checkpoint_every_events
-            want[2] = float(now - last_ckpt >= tc.checkpoint_every_s or due_events)
+            asked = paths.checkpoint_request.exists()  # a stat per round: microseconds
+            want[2] = float(now - last_ckpt >= tc.checkpoint_every_s or due_events or asked)
         got = sync.end_round(learner, want)
         if got[1] > 0 or got[2] > 0:  # every worker sees the same decision
             sync.average_params(learner)
@@ -725,6 +734,7 @@ def train(spec: FeatureSpec, learner: LearnerConfig, tc: TrainConfig, run_dir: s
     if not tc.continuous and end is None:
         end = log.end_offset
     paths.stop_file.unlink(missing_ok=True)
+    paths.checkpoint_request.unlink(missing_ok=True)
     write_model(paths, spec, learner, tc.shards)
     # A shard that dies comes back empty (max_restarts); the call that saw it
     # die fails the worker group, which restores every shard from the checkpoint.
