@@ -98,6 +98,12 @@ export RAY_USAGE_STATS_ENABLED=0
 # On SIGTERM (stop-local.sh) a node first drains, waiting for its leases to end: Ray's
 # default of up to 30 s per node is long for a laptop cluster; export it to change.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-5}"
+# Serve, as olrec demo sets it for a cluster of its own (olrec/demo.py SERVE_ENV): gRPC messages
+# up to 4 MiB (larger: RESOURCE_EXHAUSTED), and routers that wait longer for a busy replica's
+# queue length than Serve's 0.1 s before backing off (a loaded small machine answers later).
+export RAY_SERVE_GRPC_MAX_MESSAGE_SIZE="${RAY_SERVE_GRPC_MAX_MESSAGE_SIZE:-4194304}"
+export RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S="${RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S:-0.5}"
+export RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S="${RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S:-2.0}"
 if [[ -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" && ! -s "$HOME/.ray/auth_token" ]]; then
   "$ray_bin" get-auth-token --generate >/dev/null
 fi

@@ -1,4 +1,4 @@
-"""The ``olrec`` command: ``olrec learn``, ``olrec train`` and ``olrec demo``.
+"""The ``olrec`` command: ``olrec learn``, ``train``, ``serve`` and ``demo``.
 
 Errors a user can fix (a bad config, a missing file, a wrong format) end with
 exit status 2 and one line ``olrec: error: ...``, never a traceback.
@@ -84,13 +84,37 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--replica-cpus", type=float, default=0.5, help="CPUs each replica reserves (default 0.5)")
 
     demo = sub.add_parser(
-        "demo", help="the embedded default: learn MovieLens-100K online and write a report",
-        description="Learn MovieLens-100K online with the default config and write reports/demo/. "
-                    "The data path comes from --data, else $OLREC_DATA, else ../shared/data/ml-100k beside the repo.")
+        "demo", help="the closed loop: replay MovieLens-100K into the log, train on Ray, serve over gRPC, measure",
+        description="The whole loop on an embedded local Ray cluster (or $RAY_ADDRESS's): parameter-server shards and "
+                    "Ray Train workers following the event log, Triton, the Serve gRPC app. MovieLens-100K is "
+                    "replayed into the log in time order (with a share of malformed events, dead-lettered), while "
+                    "simulated users call Recommend and send Feedback over gRPC. Halfway through the replay the "
+                    "model is checkpointed as the frozen baseline, which scores the rest without learning. A live "
+                    "view shows the loop; at the end (the replay done, --max-events or --duration reached, or "
+                    "Ctrl-C) a JSON report and PNG plots are written and every process is stopped. The data path "
+                    "comes from --data, else $OLREC_DATA, else ../shared/data/ml-100k beside the repo.")
     demo.add_argument("--data", type=Path, help="the ml-100k directory")
-    demo.add_argument("--max-events", type=int, help="learn only the first N events")
-    demo.add_argument("--report-dir", type=Path, default=Path("reports/demo"), help="where the report goes")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--rate", type=float, default=2000.0, help="events replayed per second (default 2000)")
+    demo.add_argument("--max-events", type=int, help="replay only the first N events (default: all 100,000)")
+    demo.add_argument("--duration", type=float, help="replay for at most this many seconds")
+    demo.add_argument("--request-rate", type=float, default=50.0, help="Recommend calls per second (default 50)")
+    demo.add_argument("--feedback", type=float, default=0.5,
+                      help="share of answers whose user sends Feedback on the top item (default 0.5)")
+    demo.add_argument("--malformed", type=float, default=0.001,
+                      help="malformed events sent per replayed event, to be dead-lettered (default 0.001)")
+    demo.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    demo.add_argument("--shards", type=int, default=1, help="parameter-server shard actors (default 1)")
+    demo.add_argument("--replicas", type=int, default=1, help="Recommender replicas (default 1)")
+    demo.add_argument("--scorer", choices=["triton", "in_process"], default="triton",
+                      help="rank in Triton (int8) or in the replica (default triton)")
+    demo.add_argument("--port", type=int, default=9000, help="the gRPC port (default 9000)")
+    demo.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
+                      help="the run's directory, emptied first (default runs/demo)")
+    demo.add_argument("--report", type=Path, default=Path("reports/demo/demo.json"),
+                      help="the JSON report; the plots go beside it (default reports/demo/demo.json)")
+    demo.add_argument("--linger", type=float, default=0.0,
+                      help="keep the service, the trainers and the dashboard up this many seconds after the report")
+    demo.add_argument("--quiet", action="store_true", help="no live view")
     return p
 
 
@@ -312,10 +336,10 @@ def run_serve(args: argparse.Namespace) -> None:
     opts = {"run_dir": str(paths.root), "scorer": args.scorer, "precision": args.precision}
     triton = None
     if args.scorer == "triton" and not args.triton_url:
-        from .triton import TritonServer
+        from .triton import RAY_WORKER_NICENESS, TritonServer
 
         (paths.root / "triton" / "local").mkdir(parents=True, exist_ok=True)
-        triton = TritonServer(paths.root / "triton" / "local", models=()).start()  # the app publishes the model
+        triton = TritonServer(paths.root / "triton" / "local", models=(), niceness=RAY_WORKER_NICENESS).start()  # the app publishes the model
         print(f"olrec: Triton on {triton.url} (log {triton.log_path})", file=sys.stderr)
     if args.triton_url or triton:
         opts["triton_url"] = args.triton_url or triton.url
@@ -349,13 +373,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
+            from .demo import DemoConfig, run_demo
+
             data = args.data or Path(os.environ.get("OLREC_DATA", DEFAULT_DATA))
             if not data.is_dir():
                 raise UsageError(f"MovieLens-100K not found at {data.resolve()}; pass --data /path/to/ml-100k")
-            over = {"data": {"path": str(data.resolve()), "format": "ml100k"}, "report": {"dir": str(args.report_dir), "name": "demo"}}
-            if args.max_events is not None:
-                over["data"]["max_events"] = args.max_events
-            run_learn(load_config(None, over), quiet=args.quiet)
+            run_demo(DemoConfig(
+                data=data, run_dir=args.run_dir, report=args.report, rate=args.rate, max_events=args.max_events,
+                duration_s=args.duration, request_rate=args.request_rate, feedback=args.feedback,
+                malformed=args.malformed, workers=args.workers, shards=args.shards, replicas=args.replicas,
+                port=args.port, scorer=args.scorer, linger_s=args.linger, quiet=args.quiet))
         elif args.command == "serve":
             run_serve(args)
         elif args.command == "train":

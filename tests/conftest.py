@@ -30,7 +30,9 @@ def ray_head():
     pytest.importorskip("ray")
     from raycluster import standalone_head
 
-    with standalone_head(num_cpus=4) as head:
+    from olrec.demo import SERVE_ENV
+
+    with standalone_head(num_cpus=4, env=SERVE_ENV) as head:
         yield head
 
 

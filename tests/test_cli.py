@@ -47,7 +47,9 @@ def test_learn_generic_csv_writes_report_and_dead_letters(tmp_path: Path, capsys
 @pytest.mark.parametrize("sub, options", [
     ("learn", ["--events", "--format", "--columns", "--config", "--report-dir", "--batch-size", "--max-events",
                "--quiet"]),
-    ("demo", ["--data", "--max-events", "--report-dir", "--quiet"]),
+    ("demo", ["--data", "--rate", "--max-events", "--duration", "--request-rate", "--feedback", "--malformed",
+              "--workers", "--shards", "--replicas", "--scorer", "--port", "--run-dir", "--report", "--linger",
+              "--quiet"]),
     ("train", ["--config", "--data", "--format", "--run-dir", "--workers", "--shards", "--max-events", "--continuous"]),
 ])
 def test_help_lists_every_option(sub: str, options: list[str], capsys) -> None:
@@ -115,8 +117,9 @@ def test_unreadable_or_empty_events_exit_2_with_one_line(tmp_path: Path, capsys,
 
 @pytest.mark.slow
 @pytest.mark.skipif(not ML100K.is_dir(), reason="MovieLens-100K not beside the repo")
-def test_demo_on_movielens(tmp_path: Path) -> None:
-    assert main(["demo", "--data", str(ML100K), "--max-events", "20000", "--report-dir", str(tmp_path), "--quiet"]) == 0
-    rep = json.loads((tmp_path / "demo.json").read_text())
+def test_learn_on_movielens(tmp_path: Path) -> None:
+    assert main(["learn", "--events", str(ML100K), "--format", "ml100k", "--max-events", "20000",
+                 "--report-dir", str(tmp_path), "--quiet"]) == 0
+    rep = json.loads((tmp_path / "ml100k.json").read_text())
     assert rep["events"] == 20000 and rep["auc"] > 0.7
     assert rep["auc_online_after_split"] > rep["auc_frozen_after_split"]

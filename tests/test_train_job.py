@@ -29,8 +29,9 @@ def _reported(run: Path) -> dict | None:
 
 def _scraped(head) -> tuple[float, float] | None:
     """(events-trained counter summed over the job's processes, watermark gauge) as Prometheus sees them."""
-    samples = head.scrape()
-    events, watermark = find(samples, "ray_olrec_train_events_total"), find(samples, "ray_olrec_train_watermark")
+    samples = head.scrape()  # this run's series only: the session's head runs other tests' too
+    events = find(samples, "ray_olrec_train_events_total", run="run")
+    watermark = find(samples, "ray_olrec_train_watermark", run="run")
     return (sum(events), max(watermark)) if events and watermark else None
 
 
