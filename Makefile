@@ -35,3 +35,13 @@ bench-quality: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-peers reports runs
+
+# The olrec image every k8s/ manifest runs. Its name is set once, in k8s/base/kustomization.yaml
+# (images: newName and newTag); tests/test_k8s.py checks that this target tags that name.
+# For the gpu overlay: make image TORCH=cuda (a CUDA build of torch; the default is the CPU build).
+IMAGE = $(shell awk '/^[a-zA-Z]/ {s = ($$1 == "images:")} s && $$1 == "newName:" {n = $$2} s && $$1 == "newTag:" {t = $$2} END {gsub(/"/, "", t); print n ":" t}' k8s/base/kustomization.yaml)
+TORCH ?= cpu
+
+.PHONY: image
+image:
+	docker build -t $(IMAGE) --build-arg TORCH=$(TORCH) -f k8s/Dockerfile .
