@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="replay for at most this many seconds")
     demo.add_argument("--request-rate", type=float, default=50.0, help="Recommend calls per second (default 50)")
     demo.add_argument("--feedback", type=float, default=0.5,
-                      help="share of answers whose user sends Feedback on the top item (default 0.5)")
+                      help="share of answers whose user sends Feedback on the top item, sent batched once a second (default 0.5)")
     demo.add_argument("--malformed", type=float, default=0.001,
                       help="malformed events sent per replayed event, to be dead-lettered (default 0.001)")
     demo.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")

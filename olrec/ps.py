@@ -442,10 +442,24 @@ class ShardedTables:
     def deltas(self, table: str, since: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Rows changed after each shard's version in ``since`` (one per shard);
         returns keys, weights and the shards' new versions (pass them next time)."""
-        got = self._call("deltas", {i: (table, int(v)) for i, v in enumerate(since)})
-        keys = np.concatenate([got[i][0] for i in range(len(self.shards))])
-        weights = np.concatenate([got[i][1] for i in range(len(self.shards))])
-        return keys, weights, [got[i][2] for i in range(len(self.shards))]
+        return self.deltas_many({table: since})[table]
+
+    def deltas_many(self, since: Mapping[str, Sequence[int]]) -> dict[str, tuple[np.ndarray, np.ndarray, list[int]]]:
+        """:meth:`deltas` of several tables, every call in flight at once: one
+        wait for a serving replica's refresh, not one round trip per table."""
+        calls = [(t, i, int(v)) for t, vs in since.items() for i, v in enumerate(vs)]
+        if self._remote:
+            import ray
+
+            results = ray.get([self.shards[i].deltas.remote(t, v) for t, i, v in calls])
+        else:
+            results = [self.shards[i].deltas(t, v) for t, i, v in calls]
+        got: dict[str, dict[int, tuple]] = {}
+        for (t, i, _), r in zip(calls, results):
+            got.setdefault(t, {})[i] = r
+        n = len(self.shards)
+        return {t: (np.concatenate([g[i][0] for i in range(n)]), np.concatenate([g[i][1] for i in range(n)]),
+                    [g[i][2] for i in range(n)]) for t, g in got.items()}
 
     def snapshot(self, directory: str) -> list[str]:
         paths = [str(Path(directory) / f"shard-{i:04d}.pkl") for i in range(len(self.shards))]

@@ -457,12 +457,12 @@ class ServingModel:
         if full or mtime != self._published_mtime:
             dense = torch.load(self.paths.published, weights_only=False, map_location="cpu")
         watermark = dense["watermark"] if dense is not None else self.snapshot.watermark  # type: ignore[union-attr]
-        store = ShardedTables(shards)
+        since = {t: [-1] * len(shards) if full else self._versions[t] for t in self.tables}
+        got = ShardedTables(shards).deltas_many(since)
         rows, versions = {}, {}
         for t in self.tables:
-            since = [-1] * len(shards) if full else self._versions[t]
-            keys, weights, vs = store.deltas(t, since)
-            if not full and any(v < s for v, s in zip(vs, since)):  # a shard was reset or restored
+            keys, weights, vs = got[t]
+            if not full and any(v < s for v, s in zip(vs, since[t])):  # a shard was reset or restored
                 self._force_full = True
                 return self._read_live(shards)
             rows[t], versions[t] = (keys, weights), vs

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
@@ -73,13 +74,16 @@ class DensePublisher:
 
         self.watcher = DenseWatcher(ServeConfig(**cfg))
         self.every_s = every_s
+        # Exporting and quantizing is background work: its thread yields the CPU to the replicas'
+        # requests where they share a machine (a Linux nice value is per thread).
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="olrec-publish", initializer=os.nice, initargs=(5,))
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await loop.run_in_executor(None, self.watcher.step)
+                await loop.run_in_executor(self._pool, self.watcher.step)
             except Exception as e:  # keep publishing later versions; replicas keep the last one
                 log.warning("olrec: publishing the dense tower to Triton failed: %s", e)
             # Until Triton holds a version the replicas answer UNAVAILABLE: look again soon.

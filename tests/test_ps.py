@@ -59,6 +59,20 @@ def test_sharded_rows_are_consistent_and_deltas_cover_changes(make_client) -> No
     assert sum(s["tables"]["emb"]["rows"] for s in client.stats()) == 200
 
 
+def test_deltas_of_several_tables_at_once_equal_one_by_one(make_client) -> None:
+    client = make_client(2)
+    for _ in range(2):  # admitted after 2 sightings
+        client.pull("emb", np.arange(10), observe=True)
+    client.push_deltas("counts", np.array([3, 4]), np.ones((2, 2), np.float32))
+    zero = [0, 0]
+    both = client.deltas_many({"emb": zero, "counts": zero})
+    for t in ("emb", "counts"):
+        keys, weights, versions = client.deltas(t, zero)
+        np.testing.assert_array_equal(both[t][0], keys)
+        np.testing.assert_array_equal(both[t][1], weights)
+        assert both[t][2] == versions
+
+
 def test_counter_deltas_add_up(make_client) -> None:
     client = make_client(2)
     keys = np.array([7, 7, 8, 9])
