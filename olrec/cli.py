@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import Config, ConfigError, build_learner, load_config
+from .config import Config, ConfigError, build_learner, check_local_dir, load_config
 from .learner import LearnerConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -372,6 +372,8 @@ def run_serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "run_dir", None) is not None:
+            check_local_dir(args.run_dir)
         if args.command == "demo":
             from .demo import DemoConfig, run_demo
 

@@ -31,7 +31,7 @@ from typing import Any, Literal, Mapping
 
 import pyarrow as pa
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 from typing_extensions import Annotated
 
 from .embedding import Optimizer
@@ -166,8 +166,25 @@ class ReportSchema(_Section):
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
+def check_local_dir(path: str | Path) -> str:
+    """``path`` as given, or a ValueError if it is a URI: run directories are POSIX paths for now."""
+    text = str(path)
+    # Path() folds "s3://bucket" to "s3:/bucket": look for the scheme either way.
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", text):
+        raise ValueError(f"{text!r}: a run directory on an object store (a URI) is not supported yet; "
+                         "give a POSIX path every process sees (a local disk, NFS, EFS, a ReadWriteMany "
+                         "volume): see cluster/README.md, Shared storage")
+    return text
+
+
 class TrainSchema(_Section):
     run_dir: Name = "runs/train"
+
+    @field_validator("run_dir")
+    @classmethod
+    def _local(cls, v: str) -> str:
+        return check_local_dir(v)
+
     workers: PosInt = _default(TrainConfig, "workers")
     shards: PosInt = _default(TrainConfig, "shards")
     use_gpu: SBool = _default(TrainConfig, "use_gpu")

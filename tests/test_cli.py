@@ -123,3 +123,18 @@ def test_learn_on_movielens(tmp_path: Path) -> None:
     rep = json.loads((tmp_path / "ml100k.json").read_text())
     assert rep["events"] == 20000 and rep["auc"] > 0.7
     assert rep["auc_online_after_split"] > rep["auc_frozen_after_split"]
+
+
+@pytest.mark.parametrize("sub", ["train", "serve", "demo"])
+def test_a_uri_run_dir_is_refused_naming_it(sub: str, capsys) -> None:
+    assert main([sub, "--run-dir", "s3://bucket/run"]) == 2
+    err = capsys.readouterr().err
+    assert "s3:/bucket/run" in err and "not supported yet" in err and "Traceback" not in err
+
+
+def test_a_uri_run_dir_in_a_config_is_refused_naming_the_key(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  run_dir: s3://bucket/run\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train.run_dir" in err and "s3://bucket/run" in err
