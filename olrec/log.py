@@ -91,6 +91,9 @@ class EventLog:
             fsync_dir(self._path.parent)  # the new directory survives a crash
         self._lock = threading.RLock()  # serializes appends from producer threads
         self._lock_file: BinaryIO | None = None  # the flock'ed file while this instance is the writer
+        # Segment names parsed before: followers list the directory several times a second,
+        # and parsing hundreds of names into paths each time was most of a follower's CPU.
+        self._parsed: dict[str, Segment] = {}
         self._end = self._scan_end()
         self._dead = _count_lines(self._dead_path)
 
@@ -234,10 +237,15 @@ class EventLog:
     def segments(self) -> list[Segment]:
         """The visible segments in offset order (from their names; no file is opened)."""
         segs = []
+        parsed = self._parsed
         for name in os.listdir(self._path):
-            m = _SEGMENT_RE.match(name)
-            if m:
-                segs.append(Segment(int(m[1]), int(m[2]), self._path / name))
+            seg = parsed.get(name)
+            if seg is None:
+                m = _SEGMENT_RE.match(name)
+                if m is None:
+                    continue
+                seg = parsed[name] = Segment(int(m[1]), int(m[2]), self._path / name)
+            segs.append(seg)
         segs.sort()
         for a, b in zip(segs, segs[1:]):
             if a.end != b.start:
