@@ -57,9 +57,16 @@ def test_config_errors_name_the_knob(bad, match):
 
 
 def _leftovers(run_dir: Path) -> list[str]:
-    """Processes whose command line names the run directory (Triton, its stubs)."""
-    out = subprocess.run(["pgrep", "-af", str(run_dir)], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
+    """Command lines of live processes that name the run directory (Triton, its stubs), from /proc."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if str(run_dir) in text:
+            found.append(text)
+    return found
 
 
 @pytest.mark.slow
