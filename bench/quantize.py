@@ -85,9 +85,7 @@ def bench_tower(events, hidden: tuple[int, ...], work: Path, rounds: int) -> lis
     spec, cfg = ml100k_spec(), LearnerConfig(hidden=hidden)
     learner = OnlineLearner(spec, cfg)
     split = int(events.num_rows * 0.8)
-    train = encode(events.slice(0, split), spec)
-    for start in range(0, split, cfg.batch_size):
-        learner.step(train.slice(start, min(start + cfg.batch_size, split)))
+    learner.learn(encode(events.slice(0, split), spec))
     cal = tuple(x.numpy() for x in learner.ranking_inputs(train.slice(split - cfg.batch_size, split))[:2])
     test = encode(events.slice(split), spec)
     emb_t, num_t, p_wide = learner.ranking_inputs(test)

@@ -308,9 +308,7 @@ def auc_delta(events: pa.Table, cfg: LearnerConfig, work: Path) -> float:
     spec = ml100k_spec()
     learner = OnlineLearner(spec, cfg)
     split = int(events.num_rows * 0.8)
-    train = encode(events.slice(0, split), spec)
-    for start in range(0, split, cfg.batch_size):
-        learner.step(train.slice(start, min(start + cfg.batch_size, split)))
+    learner.learn(encode(events.slice(0, split), spec))
     fp32 = export_onnx(learner.model, work / "auc-fp32.onnx")
     int8 = quantize_int8(fp32, work / "auc-int8.onnx", learner.calibration())
     test = encode(events.slice(split), spec)

@@ -280,6 +280,13 @@ class OnlineLearner:
         return int(min(c.batch_size, grown))
 
     # -- the loop -----------------------------------------------------------
+    def learn(self, batch: Batch) -> None:
+        """Learn ``batch`` in order, ``batch_size`` events at a time, as a stream
+        of micro-batches would (each scored before it is learned)."""
+        n = len(batch)
+        for start in range(0, n, self.cfg.batch_size):
+            self.step(batch.slice(start, min(start + self.cfg.batch_size, n)))
+
     def step(self, batch: Batch, sync: DenseSync | None = None, tag: Any = None) -> StepResult:
         """Score the batch, then learn it. ``sync``: merge dense gradients with
         other workers'; ``tag``: what the store's ``done()`` returns once this

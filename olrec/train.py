@@ -663,8 +663,7 @@ def learn_into_run(events: pa.Table, spec: FeatureSpec, cfg: LearnerConfig, run_
     store = ShardedTables([LocalShard(learner_tables(spec, cfg), i) for i in range(shards)])
     learner = OnlineLearner(spec, cfg, store=store)
     for table in EventLog(paths.log, create=False).read(0):
-        for at in range(0, table.num_rows, cfg.batch_size):
-            learner.step(encode(table.slice(at, cfg.batch_size), spec))
+        learner.learn(encode(table, spec))
     ckpts = CheckpointStore(paths.checkpoints)
     ckpts.commit(stage_checkpoint(ckpts, learner), n, {"events": int(learner.events), "workers": 0, "shards": shards})
     write_model(paths, spec, cfg, shards)

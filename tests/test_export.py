@@ -134,9 +134,7 @@ def trained(tmp_path_factory):
     cfg = LearnerConfig()
     learner = OnlineLearner(spec, cfg)
     split = int(events.num_rows * 0.8)
-    train = encode(events.slice(0, split), spec)
-    for start in range(0, split, cfg.batch_size):
-        learner.step(train.slice(start, min(start + cfg.batch_size, split)))
+    learner.learn(encode(events.slice(0, split), spec))
     fp32 = export_onnx(learner.model, tmp / "fp32.onnx")
     int8 = quantize_int8(fp32, tmp / "int8.onnx", learner.calibration())
     return learner, encode(events.slice(split), spec), fp32, int8
