@@ -113,6 +113,8 @@ class DemoConfig:
 
 #: How a malformed copy of a good event is broken (cycled), each a rule the log's validation enforces.
 BREAKS = ("label", "ts", "user_id")
+#: MovieLens-100K's item-side columns (u.item); the others describe the user (u.user).
+ITEM_FIELDS = ("genres", "year")
 
 
 def malformed_copies(rows: pa.Table, kind: str) -> pa.Table:
@@ -136,7 +138,7 @@ class Replayer:
         self.events, self.writer, self.rate, self.malformed = events, writer, rate, malformed
         self.pos = 0  # events replayed
         self.half_offset: int | None = None  # the log's end once half the replay was in
-        self.malformed_sent = self.rejected = 0
+        self.malformed_sent = 0
         self.samples: list[tuple[int, float]] = []  # (offset, monotonic time the append began)
         self.sim_ts = float(events["ts"][0].as_py())  # the replay's clock (unix seconds of the data)
         self.error: BaseException | None = None
@@ -180,9 +182,8 @@ class Replayer:
                 parts.append(malformed_copies(good.slice(0, min(bad, due)), kind))
                 bad = parts[-1].num_rows
             t = time.monotonic()
-            start, end, rejected = self.writer.append.remote(pa.concat_tables(parts)).result()
+            start, end, _ = self.writer.append.remote(pa.concat_tables(parts)).result()
             self.malformed_sent += bad
-            self.rejected += rejected
             if end > start:
                 self.samples.append((end - 1, t))
             self.pos += due
@@ -258,7 +259,8 @@ class Users:
         out = {}
         u, i = self.profile.get(("user_id", user), {}), self.profile.get(("item_id", item), {})
         for c in self.context_cols:
-            v = i.get(c) if c in ("genres", "year") else u.get(c, i.get(c))
+            # A user's first event carries some item's fields too: those come from the item.
+            v = i.get(c) if c in ITEM_FIELDS else u.get(c, i.get(c))
             if v is None:
                 continue
             out[c] = pb.Value(number=float(v)) if isinstance(v, (int, float)) else pb.Value(text=str(v))
@@ -378,7 +380,7 @@ class FrozenShadow:
         os.nice(BACKGROUND_NICENESS)  # this thread, and the scoring thread it starts
         spec, cfg, _ = read_model(run_dir)
         self.learner = learner_from_checkpoint(checkpoint, spec, cfg)
-        self.spec, self.start, self.scored_to = spec, start, start
+        self.spec, self.scored_to = spec, start
         self.log = EventLog(RunPaths(Path(run_dir)).log, create=False)
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -674,17 +676,29 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         def snapshot_ready() -> bool:
             return replay.half_offset is not None and trained().get("watermark", 0) >= replay.half_offset
 
+        def checkpoint_now(what: str):
+            """Ask the trainers for a checkpoint at their next round; the newest
+            checkpoint once that one is committed (None if not within a minute)."""
+            paths.checkpoint_request.touch()
+            if not demo.wait(lambda: not paths.checkpoint_request.exists(), 60, what, view):
+                return None
+            return CheckpointStore(paths.checkpoints).latest()
+
+        def freeze() -> int | None:
+            """The frozen baseline: a checkpoint, scoring in shadow from its watermark on."""
+            ckpt = checkpoint_now("the halfway checkpoint")
+            if ckpt is None:
+                return None
+            ray.get(shadow.start.remote(str(paths.root), str(ckpt.path), ckpt.watermark))
+            demo.say(f"\nfrozen baseline: the model at watermark {ckpt.watermark:,}, scoring the rest in shadow")
+            return ckpt.watermark
+
         # The replay; halfway, the frozen baseline.
         while not (replay.done.is_set() or demo.stop.is_set()):
             if "train_error" in result:
                 raise result["train_error"]
             if split is None and snapshot_ready():
-                paths.checkpoint_request.touch()
-                if demo.wait(lambda: not paths.checkpoint_request.exists(), 60, "the halfway checkpoint", view):
-                    ckpt = CheckpointStore(paths.checkpoints).latest()
-                    split = ckpt.watermark
-                    ray.get(shadow.start.remote(str(paths.root), str(ckpt.path), split))
-                    demo.say(f"\nfrozen baseline: the model at watermark {split:,}, scoring the rest in shadow")
+                split = freeze()
             view()
             demo.stop.wait(1.0)
         replay.stop()
@@ -692,11 +706,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             raise replay.error
         if split is None and not demo.stop.is_set():  # a replay too short to reach the snapshot in the loop
             demo.wait(snapshot_ready, cfg.settle_s, "the trainers to pass half the replay", view)
-            paths.checkpoint_request.touch()
-            demo.wait(lambda: not paths.checkpoint_request.exists(), 60, "the halfway checkpoint", view)
-            ckpt = CheckpointStore(paths.checkpoints).latest()
-            split = ckpt.watermark
-            ray.get(shadow.start.remote(str(paths.root), str(ckpt.path), split))
+            split = freeze()
         settle = 5.0 if demo.stop.is_set() else cfg.settle_s
         # Answers until every sampled event is served, then the users stop and training catches up.
         demo.wait(lambda: bool(np.isfinite(update_freshness()).all()), settle, "every sampled event to be served",
@@ -705,9 +715,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         log = EventLog(paths.log, create=False)
         end = log.end_offset
         demo.wait(lambda: trained().get("watermark", 0) >= end, settle, "the trainers to reach the log's end", view)
-        paths.checkpoint_request.touch()
-        demo.wait(lambda: not paths.checkpoint_request.exists(), 60, "the final checkpoint", view)
-        final = CheckpointStore(paths.checkpoints).latest()
+        final = checkpoint_now("the final checkpoint") or CheckpointStore(paths.checkpoints).latest()
         if split is not None:
             demo.wait(lambda: ray.get(shadow.progress.remote())["scored_to"] >= end, settle,
                       "the frozen baseline to score the log", view)
