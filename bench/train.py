@@ -7,7 +7,12 @@ ids, each system learns the whole stream once by progressive validation:
 
 - ``inprocess``: :class:`olrec.learner.OnlineLearner` in this process;
 - ``ray-1w1s``: ``olrec.train`` with 1 Ray Train worker and 1 shard actor;
-- ``ray-2w2s``: 2 workers and 2 shards, dense gradients all-reduced each round.
+- ``ray-2w2s``: 2 workers and 2 shards, dense gradients all-reduced each round;
+- ``ray-2w2s-ray-defaults`` (synthetic only): the same on a second cluster
+  started with Ray's default object inlining (100 KiB) instead of olrec's 4 MiB
+  (:data:`olrec.rayenv.CORE_ENV`), to show what that setting is worth. This
+  driver keeps the first cluster's setting (Ray reads it once per process);
+  the workers, shards and Ray Data's processes take the second's.
 
 Printed side by side: steady-state events/s (from each run's first trained
 batch to its last: cluster and trainer start-up excluded, and reported
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -36,11 +42,14 @@ from olrec.embedding import EmbeddingTable, TableConfig  # noqa: E402
 from olrec.features import FeatureSpec, ml100k_spec  # noqa: E402
 from olrec.learner import LearnerConfig, OnlineLearner  # noqa: E402
 from olrec.log import EventLog  # noqa: E402
+from olrec.rayenv import CORE_ENV, apply_env  # noqa: E402
 from olrec.progressive import run_progressive  # noqa: E402
 from olrec.sources import SyntheticConfig, read_ml100k, read_synthetic  # noqa: E402
 from olrec.train import TrainConfig, train  # noqa: E402
 
 SYSTEMS = {"ray-1w1s": (1, 1), "ray-2w2s": (2, 2)}
+INLINE = "RAY_max_direct_call_object_size"
+RAY_DEFAULT_INLINE = str(100 * 1024)
 
 
 def synthetic(n_events: int) -> pa.Table:
@@ -74,6 +83,24 @@ def run_ray(events_log: Path, spec: FeatureSpec, cfg: LearnerConfig, workers: in
             "wall_s": wall, "events_trained": m["events_trained"]}
 
 
+def with_ray_default_inline(run):
+    """``run()`` on a fresh local cluster whose processes inline objects up to Ray's default size."""
+    import ray
+
+    ray.shutdown()
+    had = os.environ.get(INLINE)
+    os.environ[INLINE] = RAY_DEFAULT_INLINE
+    try:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        return run()
+    finally:
+        ray.shutdown()
+        if had is None:
+            del os.environ[INLINE]
+        else:
+            os.environ[INLINE] = had
+
+
 def shard_memory(rows: int) -> dict:
     """Bytes per held row of a shard table at the default config (dim 16, Adagrad)."""
     cfg = TableConfig(name="sparse")
@@ -100,8 +127,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="olrec-bench-train-") as tmp_s:
         tmp = Path(tmp_s)
         t0 = time.time()
+        apply_env()  # olrec's Ray settings, as `olrec train` starts a local cluster with them
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        print(f"ray.init: {time.time() - t0:.1f} s")
+        print(f"ray.init: {time.time() - t0:.1f} s ({INLINE}={os.environ[INLINE]})")
         datasets = [("ml100k", lambda: (read_ml100k(args.data), ml100k_spec())),
                     ("synthetic", lambda: (synthetic(args.synthetic_events), FeatureSpec()))]
         for name, make in datasets:
@@ -127,6 +155,13 @@ def main() -> int:
             if name == "ml100k":
                 print(f"  ray-2w2s AUC - inprocess AUC: {d_auc:+.4f} (target within 0.005): "
                       f"{'MET' if abs(d_auc) <= 0.005 else 'MISSED'}")
+            if name == "synthetic":
+                rec = {"system": "ray-2w2s-ray-defaults", "dataset": name,
+                       **with_ray_default_inline(lambda: run_ray(log_dir, spec, cfg, 2, 2, tmp))}
+                records.append(rec)
+                _print(rec)
+                print(f"  ray-2w2s with {INLINE}={CORE_ENV[INLINE]} / with Ray's {RAY_DEFAULT_INLINE}: "
+                      f"{two['events_per_s'] / rec['events_per_s']:.2f}x")
             shutil.rmtree(log_dir, ignore_errors=True)
         ray.shutdown()
     mem = shard_memory(args.memory_rows)

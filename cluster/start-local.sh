@@ -98,7 +98,10 @@ export RAY_USAGE_STATS_ENABLED=0
 # On SIGTERM (stop-local.sh) a node first drains, waiting for its leases to end: Ray's
 # default of up to 30 s per node is long for a laptop cluster; export it to change.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-5}"
-# Serve, as olrec demo sets it for a cluster of its own (olrec/demo.py SERVE_ENV): gRPC messages
+# Objects up to 4 MiB travel inside Ray's calls, not through the object store: a batch's rows from
+# the shards and its gradients back, and the log's chunks (olrec/rayenv.py CORE_ENV; bench/train.py).
+export RAY_max_direct_call_object_size="${RAY_max_direct_call_object_size:-4194304}"
+# Serve, as olrec sets it for a cluster of its own (olrec/rayenv.py SERVE_ENV): gRPC messages
 # up to 4 MiB (larger: RESOURCE_EXHAUSTED), and routers that wait longer for a busy replica's
 # queue length than Serve's 0.1 s before backing off (a loaded small machine answers later).
 export RAY_SERVE_GRPC_MAX_MESSAGE_SIZE="${RAY_SERVE_GRPC_MAX_MESSAGE_SIZE:-4194304}"

@@ -248,6 +248,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     import ray
 
     from .log import OFFSET, EventLog
+    from .rayenv import init_ray
     from .train import RunPaths, train
 
     paths = RunPaths(cfg.run_dir.resolve())
@@ -266,12 +267,9 @@ def run_train(cfg: Config) -> dict[str, Any]:
 
     tc = cfg.train
     started = not ray.is_initialized()
-    if started:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:  # a local cluster, logical CPUs overcommitted: workers and shards mostly wait on each other
-            need = tc.workers * tc.cpus_per_worker + tc.shards * tc.cpus_per_shard + 2
-            ray.init(address="local", num_cpus=max(2, math.ceil(need)), include_dashboard=False, log_to_driver=False)
+    if started:  # a local cluster overcommits logical CPUs: workers and shards mostly wait on each other
+        need = tc.workers * tc.cpus_per_worker + tc.shards * tc.cpus_per_shard + 2
+        init_ray(max(2, math.ceil(need)), include_dashboard=False)
     # Ctrl-C or SIGTERM (`ray job stop`) ends the stream: the workers write a
     # final checkpoint and return; a second one interrupts at once. Training
     # runs on a thread so that Ray Train's own SIGINT handler (an abort, no
@@ -326,6 +324,7 @@ def run_serve(args: argparse.Namespace) -> None:
 
     from serve.app import SERVICER_FUNCTIONS, application, serve_config
 
+    from .rayenv import init_ray
     from .train import RunPaths
 
     paths = RunPaths(args.run_dir.resolve())
@@ -348,12 +347,7 @@ def run_serve(args: argparse.Namespace) -> None:
     for s in (signal.SIGINT, signal.SIGTERM):  # from here on, Ctrl-C means: shut down cleanly
         signal.signal(s, lambda *_: stop.set())
     try:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:
-            os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(4 * 1024 * 1024))
-            ray.init(address="local", num_cpus=max(2, math.ceil(args.replicas * args.replica_cpus) + 1),
-                     include_dashboard=False, log_to_driver=False)
+        init_ray(max(2, math.ceil(args.replicas * args.replica_cpus) + 1), include_dashboard=False)
         serve.start(grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=SERVICER_FUNCTIONS))
         serve.run(application(cfg, num_replicas=args.replicas, ray_actor_options={"num_cpus": args.replica_cpus}),
                   name="olrec", route_prefix="/olrec")

@@ -37,16 +37,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .metrics import auc as auc_of
+from .rayenv import init_ray
 
 APP = "olrec"
-#: Serve settings for a loaded small machine: its router asks a replica for its queue
-#: length before sending a request and, by default, gives up after 0.1 s and backs off;
-#: with trainers on the same two cores a busy replica answers later than that.
-SERVE_ENV = {
-    "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(4 * 1024 * 1024),
-    "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "0.5",
-    "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "2.0",
-}
 DENSE_EVERY_S = 30.0  # between dense versions loaded into Triton
 #: Candidates a Recommend ranks (the service's default is 200): building ranking inputs
 #: is most of a call's cost, and the replica shares two cores with the trainers.
@@ -576,13 +569,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     began = time.monotonic()
     try:
         if started_ray:
-            for k, v in SERVE_ENV.items():  # read by Serve's proxy and routers when they start
-                os.environ.setdefault(k, v)
-            if os.environ.get("RAY_ADDRESS"):
-                ctx = ray.init(log_to_driver=False)
-            else:  # logical CPUs overcommitted: workers, shards and replicas mostly wait on each other
-                ctx = ray.init(address="local", num_cpus=max(8, 2 * cfg.workers + 4), include_dashboard=True,
-                               dashboard_host="127.0.0.1", log_to_driver=False)
+            # Logical CPUs overcommitted: workers, shards and replicas mostly wait on each other.
+            ctx = init_ray(max(8, 2 * cfg.workers + 4), include_dashboard=True, dashboard_host="127.0.0.1")
             dashboard = ctx.dashboard_url
         else:
             dashboard = ray.get_runtime_context().gcs_address

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
+from olrec.rayenv import ENV, apply_env
+
 #: Serve's gRPC proxy refuses bigger requests with RESOURCE_EXHAUSTED (read when the proxy starts).
-MAX_MESSAGE = 4 * 1024 * 1024
+MAX_MESSAGE = int(ENV["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"])
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +16,7 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     # address="local": always a new in-process-started cluster. A plain ray.init() would attach to
     # whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster names (a `ray start` cluster on this machine).
-    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(MAX_MESSAGE)  # inherited by the cluster's processes
+    apply_env()  # olrec's Ray settings (olrec/rayenv.py), inherited by the cluster's processes
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
@@ -30,9 +31,7 @@ def ray_head():
     pytest.importorskip("ray")
     from raycluster import standalone_head
 
-    from olrec.demo import SERVE_ENV
-
-    with standalone_head(num_cpus=4, env=SERVE_ENV) as head:
+    with standalone_head(num_cpus=4, env=ENV) as head:
         yield head
 
 

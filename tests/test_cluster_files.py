@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from olrec.config import ConfigError, load_config
+from olrec.rayenv import CORE_ENV, ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -98,10 +99,19 @@ def test_nodes_start_as_start_local_does(path: Path) -> None:
         cmd = start[0]
         assert role in cmd and f"--metrics-export-port={metrics}" in cmd, cmd
         assert "RAY_AUTH_MODE=token" in cmd and 'PATH="$HOME/olrec/.venv/bin:$PATH"' in cmd, cmd
+        for name in (*CORE_ENV, "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"):  # olrec/rayenv.py
+            assert f"{name}={ENV[name]}" in cmd.split(";")[0], f"{key} does not export {name}={ENV[name]}"
         for name in re.findall(r"\b([A-Z][A-Z0-9_]*)=", cmd.split("ray start")[0]):
             assert name == "PATH" or _is_read(name), f"{path.name} sets {name}, which neither olrec nor Ray reads"
     assert c["file_mounts"]["~/olrec"] == "." and ".gitignore" in c["rsync_filter"]
     assert any("make -C ~/olrec install" in cmd for cmd in c["setup_commands"])
+
+
+def test_start_local_exports_olrecs_ray_settings() -> None:
+    """cluster/start-local.sh gives its nodes the settings a cluster olrec starts itself has."""
+    script = (CLUSTER / "start-local.sh").read_text()
+    for name, value in ENV.items():
+        assert f'export {name}="${{{name}:-{value}}}"' in script, f"start-local.sh does not export {name}={value}"
 
 
 # -- runtime environments ----------------------------------------------------------------------------

@@ -32,6 +32,8 @@ import yaml
 
 from k8svalidate import errors
 
+from olrec.rayenv import CORE_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
@@ -323,6 +325,14 @@ def test_the_dockerfile_builds_olrec_to_run_as_a_non_root_user() -> None:
     assert torch < olrec and "download.pytorch.org/whl/cpu" in "".join(lines)  # the CPU wheel first
     assert any(ln.startswith("COPY olrec") for ln in lines) and any(ln.startswith("COPY serve") for ln in lines)
     assert any(ln.startswith("WORKDIR ") for ln in lines) and lines[-1].startswith("CMD ")
+
+
+def test_the_image_carries_olrecs_ray_settings() -> None:
+    """Every Ray node on Kubernetes runs the olrec image: its environment holds the core
+    settings a cluster olrec starts itself has (olrec/rayenv.py)."""
+    text = (K8S / "Dockerfile").read_text().replace("\\\n", " ")
+    env = dict(kv.split("=", 1) for ln in text.splitlines() if ln.startswith("ENV ") for kv in ln.split()[1:])
+    assert {k: env.get(k) for k in CORE_ENV} == CORE_ENV
 
 
 # -- security and exposure -------------------------------------------------------------------------
