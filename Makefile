@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= $(abspath ../shared/data/ml-100k)
 STAMP := $(VENV)/.installed
+# moto's S3 server, which tests/test_log_s3.py runs the log against, in a venv of its own.
+S3_STAMP := .venv-s3/.installed
 
 .PHONY: demo test install bench-quality proto clean
 
@@ -15,12 +17,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,serve]'
 	touch $(STAMP)
 
+$(S3_STAMP): constraints-s3.txt
+	test -x .venv-s3/bin/python || $(PY) -m venv .venv-s3
+	.venv-s3/bin/pip install -q -r constraints-s3.txt
+	touch $(S3_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/olrec demo --data $(DATA)
 
-test: $(STAMP)
+test: $(STAMP) $(S3_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The gRPC stubs are generated into the package (the proto path mirrors it)
@@ -34,7 +41,7 @@ bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py --events $(DATA) --format ml100k
 
 clean:
-	rm -rf $(VENV) .venv-peers reports runs
+	rm -rf $(VENV) .venv-peers .venv-s3 reports runs
 
 # The olrec image every k8s/ manifest runs. Its name is set once, in k8s/base/kustomization.yaml
 # (images: newName and newTag); tests/test_k8s.py checks that this target tags that name.

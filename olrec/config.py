@@ -37,6 +37,7 @@ from typing_extensions import Annotated
 from .embedding import Optimizer
 from .features import FeatureSpec, ml100k_spec
 from .learner import LearnerConfig, OnlineLearner
+from .log import is_uri
 from .model import Arch
 from .sources import SyntheticConfig
 from .train import TrainConfig
@@ -169,8 +170,7 @@ NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 def check_local_dir(path: str | Path) -> str:
     """``path`` as given, or a ValueError if it is a URI: run directories are POSIX paths for now."""
     text = str(path)
-    # Path() folds "s3://bucket" to "s3:/bucket": look for the scheme either way.
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", text):
+    if is_uri(text):
         raise ValueError(f"{text!r}: a run directory on an object store (a URI) is not supported yet; "
                          "give a POSIX path every process sees (a local disk, NFS, EFS, a ReadWriteMany "
                          "volume): see cluster/README.md, Shared storage")

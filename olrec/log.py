@@ -1,17 +1,26 @@
-"""An append-only event log: a directory of Parquet segments addressed by offset.
+"""An append-only event log: Parquet segments addressed by offset, in a
+directory or under an object-store prefix.
 
-Layout of a log directory::
+Layout::
 
     seg-<start:020d>-<end:020d>.parquet   good events, offsets [start, end)
-    dead-letter.jsonl                     rejected rows, one JSON object a line
-    writer.lock                           flock'ed by the single writer
+    dead-letter.jsonl                     rejected rows, one JSON object a line (a directory)
+    dead-letter/<start>-<ns>-<n>.jsonl    the same, an object per append (an object store)
+    writer.lock                           flock'ed by the single writer (a directory)
+    writer.lease                          held by the single writer (an object store)
 
 Every good row gets the next offset, stored in an ``offset`` int64 column, so
 the model's watermark ("every event below offset w is in the weights") can be
 resumed exactly. Segment names carry their offset range, so a reader lists and
-seeks without opening files. A segment appears atomically (temp file, fsync,
-rename, fsync of the directory): a reader never sees a partial one, and a
-crash mid-write leaves only a temp file that the next writer removes.
+seeks without opening files, and a reader never sees part of a segment: in a
+directory it appears atomically (temp file, fsync, rename, fsync of the
+directory; a crash mid-write leaves only a temp file that the next writer
+removes); in an object store it is one object, which the store shows whole or
+not at all (see :class:`_ObjectDir`).
+
+A log is named by a local path or by a URI pyarrow opens (``s3://bucket/log``,
+``gs://...``; for S3, options such as ``?endpoint_override=host:port`` ride
+in the URI and credentials come from the usual environment).
 
 Each segment keeps the columns of the append that wrote it; segments appended
 with different context columns are fine, and :meth:`EventLog.read` returns
@@ -20,7 +29,7 @@ nulls where a segment lacks one).
 
 One writer per log: offsets are allocated by one writer (in the cluster, the
 one writer actor every producer appends through), enforced by an exclusive
-``flock``; any number of readers, in any process, may read and follow.
+``flock`` or a lease; any number of readers, in any process, may read and follow.
 """
 
 from __future__ import annotations
@@ -30,23 +39,29 @@ import fcntl
 import json
 import os
 import re
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Iterator, NamedTuple, Sequence
+from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
 from .schema import validate
 
 OFFSET = "offset"
 DEAD_LETTER = "dead-letter.jsonl"
+DEAD_LETTER_DIR = "dead-letter"
 LOCK_FILE = "writer.lock"
+LEASE_FILE = "writer.lease"
+LEASE_TTL_S = 30.0  # an object-store writer that stops renewing its lease gives the log up after this
+_DEAD_RE = re.compile(r"^\d{20}-\d{20}-(\d{8})\.jsonl$")
 _SEGMENT_RE = re.compile(r"^seg-(\d{20})-(\d{20})\.parquet$")
 _TMP_PREFIX = ".tmp-seg-"
 
@@ -68,7 +83,7 @@ class AppendResult:
 class Segment(NamedTuple):
     start: int
     end: int
-    path: Path
+    name: str
 
 
 def segment_name(start: int, end: int) -> str:
@@ -83,29 +98,25 @@ class EventLog:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
-        self._path = Path(path)
-        if not self._path.is_dir():
-            if not create:
-                raise FileNotFoundError(f"event log directory {self._path} does not exist")
-            self._path.mkdir(parents=True, exist_ok=True)
-            fsync_dir(self._path.parent)  # the new directory survives a crash
+        self._dir: _LocalDir | _ObjectDir = _ObjectDir(str(path), create) if is_uri(path) else _LocalDir(Path(path), create)
         self._lock = threading.RLock()  # serializes appends from producer threads
-        self._lock_file: BinaryIO | None = None  # the flock'ed file while this instance is the writer
-        # Segment names parsed before: followers list the directory several times a second,
-        # and parsing hundreds of names into paths each time was most of a follower's CPU.
+        self._writer = False  # whether this instance holds the writer lock or lease
+        # Segment names parsed before: followers list the log several times a second,
+        # and parsing hundreds of names each time was most of a follower's CPU.
         self._parsed: dict[str, Segment] = {}
         self._end = self._scan_end()
-        self._dead = _count_lines(self._dead_path)
+        self._dead = self._dir.dead_count()
 
     # -- properties -------------------------------------------------------
 
     @property
-    def path(self) -> Path:
-        return self._path
+    def path(self) -> Path | str:
+        """The log's directory, or its URI."""
+        return self._dir.path if isinstance(self._dir, _LocalDir) else self._dir.uri
 
     @property
     def is_writer(self) -> bool:
-        return self._lock_file is not None
+        return self._writer
 
     @property
     def end_offset(self) -> int:
@@ -117,58 +128,37 @@ class EventLog:
 
     @property
     def dead_lettered(self) -> int:
-        """How many rows were rejected into the dead-letter file, over the log's life."""
+        """How many rows were rejected as dead letters, over the log's life."""
         with self._lock:
-            return self._dead if self.is_writer else _count_lines(self._dead_path)
+            return self._dead if self.is_writer else self._dir.dead_count()
 
-    @property
-    def _dead_path(self) -> Path:
-        return self._path / DEAD_LETTER
+    def dead_letters(self) -> list[dict]:
+        """The dead letters, oldest first: ``{"time", "reason", "row"}`` each."""
+        return self._dir.dead_letters()
 
     def __repr__(self) -> str:
-        return f"EventLog({str(self._path)!r}, end_offset={self.end_offset}, writer={self.is_writer})"
+        return f"EventLog({self._dir.where!r}, end_offset={self.end_offset}, writer={self.is_writer})"
 
     # -- writing ----------------------------------------------------------
 
     def open_writer(self) -> EventLog:
         """Take the writer lock (``append`` does this on first use); raise if another writer has it."""
         with self._lock:
-            if self.is_writer:
+            if self._writer:
                 return self
-            lock_path = self._path / LOCK_FILE
-            # A file object, not a bare fd: if this instance is dropped without
-            # close(), garbage collection closes it and so releases the lock.
-            f = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(f.fileno(), 64, 0).decode(errors="replace").strip() or "unknown"
-                f.close()
-                raise LogLockedError(
-                    f"event log {self._path} already has a writer (pid {holder} holds {lock_path}); "
-                    "offsets come from one writer, so append through it") from None
-            except BaseException:
-                f.close()
-                raise
-            os.ftruncate(f.fileno(), 0)
-            os.pwrite(f.fileno(), f"{os.getpid()}\n".encode(), 0)  # for the error message above
-            self._lock_file = f
-            # Now nobody else writes: drop temp files of a crashed writer, cut a
-            # dead-letter line torn by a crash, and recount from disk.
-            for p in self._path.glob(_TMP_PREFIX + "*"):
-                p.unlink(missing_ok=True)
-            _truncate_torn_tail(self._dead_path)
+            self._dir.lock()
+            self._writer = True
+            # Now nobody else writes: recount from the log itself.
             self._end = self._scan_end()
-            self._dead = _count_lines(self._dead_path)
+            self._dead = self._dir.dead_count()
             return self
 
     def close(self) -> None:
         """Release the writer lock (if held). Reading still works afterwards."""
         with self._lock:
-            if self._lock_file is not None:
-                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-                self._lock_file.close()
-                self._lock_file = None
+            if self._writer:
+                self._writer = False
+                self._dir.unlock()
 
     def __enter__(self) -> EventLog:
         return self
@@ -185,7 +175,7 @@ class EventLog:
         if not isinstance(table, pa.Table):
             raise TypeError(f"append expects a pyarrow.Table, got {type(table).__name__}")
         if OFFSET in table.column_names:
-            raise ValueError(f"column {OFFSET!r} is reserved by the event log {self._path}; rename it")
+            raise ValueError(f"column {OFFSET!r} is reserved by the event log {self._dir.where}; rename it")
         split = validate(table)
         with self._lock:
             self.open_writer()
@@ -201,21 +191,12 @@ class EventLog:
             return AppendResult(start=start, end=start + n_good, n_good=n_good, n_bad=split.n_bad)
 
     def _write_segment(self, table: pa.Table, start: int, end: int) -> None:
-        final = self._path / segment_name(start, end)
-        tmp = self._path / f"{_TMP_PREFIX}{start:020d}-{uuid.uuid4().hex}.parquet"
-        try:
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # Visible from here on: advance before the directory fsync, so a failing
-        # fsync can never make the next append reuse these offsets.
-        self._end = end
-        fsync_dir(self._path)
+        def landed() -> None:
+            # Visible from here on: advance before anything else can fail, so
+            # the next append never reuses these offsets.
+            self._end = end
+
+        self._dir.put_segment(segment_name(start, end), table, landed)
 
     def _write_dead_letters(self, bad: pa.Table) -> None:
         now = datetime.now(timezone.utc).isoformat()
@@ -223,13 +204,7 @@ class EventLog:
         for row in bad.to_pylist():
             reason = row.pop("reason")
             lines.append(json.dumps({"time": now, "reason": reason, "row": row}, ensure_ascii=False) + "\n")
-        created = not self._dead_path.exists()
-        with open(self._dead_path, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-        if created:
-            fsync_dir(self._path)
+        self._dir.add_dead(lines, self._end)
         self._dead += len(lines)
 
     # -- reading ----------------------------------------------------------
@@ -238,18 +213,18 @@ class EventLog:
         """The visible segments in offset order (from their names; no file is opened)."""
         segs = []
         parsed = self._parsed
-        for name in os.listdir(self._path):
+        for name in self._dir.names():
             seg = parsed.get(name)
             if seg is None:
                 m = _SEGMENT_RE.match(name)
                 if m is None:
                     continue
-                seg = parsed[name] = Segment(int(m[1]), int(m[2]), self._path / name)
+                seg = parsed[name] = Segment(int(m[1]), int(m[2]), name)
             segs.append(seg)
         segs.sort()
         for a, b in zip(segs, segs[1:]):
             if a.end != b.start:
-                raise RuntimeError(f"event log {self._path} is corrupt: {a.path.name} is followed by {b.path.name}")
+                raise RuntimeError(f"event log {self._dir.where} is corrupt: {a.name} is followed by {b.name}")
         return segs
 
     def _scan_end(self) -> int:
@@ -275,13 +250,13 @@ class EventLog:
         if start < 0:
             raise ValueError(f"start offset {start} is negative")
         if start > log_end:
-            raise ValueError(f"start offset {start} is beyond the log end {log_end} of {self._path}")
+            raise ValueError(f"start offset {start} is beyond the log end {log_end} of {self._dir.where}")
         if end < start:
             raise ValueError(f"end offset {end} is before start offset {start}")
         if end > log_end:
-            raise ValueError(f"end offset {end} is beyond the log end {log_end} of {self._path}")
+            raise ValueError(f"end offset {end} is beyond the log end {log_end} of {self._dir.where}")
         if segs and start < segs[0].start:
-            raise ValueError(f"start offset {start} is before the first segment {segs[0].path.name}")
+            raise ValueError(f"start offset {start} is before the first segment {segs[0].name}")
 
     def _iter(self, segs: list[Segment], start: int, end: int,
               columns: Sequence[str] | None) -> Iterator[pa.Table]:
@@ -295,9 +270,9 @@ class EventLog:
                 yield table.slice(lo, hi - lo)
 
     def _read_segment(self, seg: Segment, columns: Sequence[str] | None) -> pa.Table:
-        with pq.ParquetFile(seg.path) as pf:
+        with self._dir.open_segment(seg.name) as source, pq.ParquetFile(source) as pf:
             if pf.metadata.num_rows != seg.end - seg.start:
-                raise RuntimeError(f"segment {seg.path} holds {pf.metadata.num_rows} rows, "
+                raise RuntimeError(f"segment {seg.name} of {self._dir.where} holds {pf.metadata.num_rows} rows, "
                                    f"its name says {seg.end - seg.start}")
             if columns is None:
                 return pf.read()
@@ -314,7 +289,7 @@ class EventLog:
 
         Ends when ``stop`` is set or nothing new arrived for ``idle_timeout``
         seconds (``None``: follow until stopped). New data is found by listing
-        the directory every ``poll_interval`` seconds.
+        the log every ``poll_interval`` seconds.
         """
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive, got {poll_interval}")
@@ -342,6 +317,224 @@ class EventLog:
                 stop.wait(wait)
             else:
                 time.sleep(wait)
+
+
+# -- where a log lives: a POSIX directory or a prefix in an object store ------------------------
+
+
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a filesystem by URI (``s3://...``, ``gs://...``) rather than a local path.
+    ``Path()`` folds ``s3://b`` to ``s3:/b``: look for the scheme either way."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(path)) is not None
+
+
+class _LocalDir:
+    """A POSIX directory: a segment is renamed into place after an fsync, one
+    writer holds an ``flock``, dead letters are lines appended to one file."""
+
+    def __init__(self, path: Path, create: bool) -> None:
+        self.path = path
+        if not path.is_dir():
+            if not create:
+                raise FileNotFoundError(f"event log directory {path} does not exist")
+            path.mkdir(parents=True, exist_ok=True)
+            fsync_dir(path.parent)  # the new directory survives a crash
+        self._lock_file: BinaryIO | None = None
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def names(self) -> list[str]:
+        return os.listdir(self.path)
+
+    def open_segment(self, name: str) -> pa.NativeFile:
+        return pa.OSFile(str(self.path / name))
+
+    def put_segment(self, name: str, table: pa.Table, landed: Callable[[], None]) -> None:
+        """Write ``table`` as segment ``name``: temp file, fsync, rename; ``landed()``
+        runs once it is visible, before the directory's fsync (which may fail)."""
+        tmp = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}.parquet"
+        try:
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        landed()
+        fsync_dir(self.path)
+
+    def lock(self) -> None:
+        lock_path = self.path / LOCK_FILE
+        # A file object, not a bare fd: if the log is dropped without close(),
+        # garbage collection closes it and so releases the lock.
+        f = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(f.fileno(), 64, 0).decode(errors="replace").strip() or "unknown"
+            f.close()
+            raise LogLockedError(
+                f"event log {self.path} already has a writer (pid {holder} holds {lock_path}); "
+                "offsets come from one writer, so append through it") from None
+        except BaseException:
+            f.close()
+            raise
+        os.ftruncate(f.fileno(), 0)
+        os.pwrite(f.fileno(), f"{os.getpid()}\n".encode(), 0)  # for the error message above
+        self._lock_file = f
+        # Now nobody else writes: drop temp files of a crashed writer and cut a
+        # dead-letter line torn by a crash.
+        for p in self.path.glob(_TMP_PREFIX + "*"):
+            p.unlink(missing_ok=True)
+        _truncate_torn_tail(self.path / DEAD_LETTER)
+
+    def check_lock(self) -> None:
+        pass  # the flock holds until released
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def dead_count(self) -> int:
+        return _count_lines(self.path / DEAD_LETTER)
+
+    def add_dead(self, lines: list[str], start: int) -> None:
+        path = self.path / DEAD_LETTER
+        created = not path.exists()
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            fsync_dir(self.path)
+
+    def dead_letters(self) -> list[dict]:
+        try:
+            text = (self.path / DEAD_LETTER).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line]
+
+
+class _ObjectDir:
+    """A prefix in an object store, through a pyarrow filesystem (``s3://``,
+    ``gs://``, ...). An object store has no rename, no append and no lock:
+
+    - a segment is one object written under its final name; the store makes
+      it visible whole or not at all when the write completes, so the segment
+      is its own manifest entry and a reader never sees part of one;
+    - dead letters go to one object per append (``dead-letter/``), their count
+      in the name, so the count needs a listing and no read;
+    - the single writer holds a lease object (``writer.lease``), renewed while
+      it appends and checked before every segment it writes. pyarrow writes no
+      object conditionally, so two writers racing for the lease within one
+      check could both write: the fence is the one writer actor that every
+      producer appends through, and the lease turns a second writer away.
+    """
+
+    def __init__(self, uri: str, create: bool) -> None:
+        self.uri = uri
+        try:
+            self.fs, self.base = pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowInvalid, ValueError) as e:
+            raise ValueError(f"event log {self.where!r}: not a filesystem URI pyarrow can open ({e})") from None
+        self.base = self.base.rstrip("/")
+        if self.fs.get_file_info(self.base).type == pafs.FileType.NotFound:
+            if not create:
+                raise FileNotFoundError(f"event log {self.where} does not exist")
+            self.fs.create_dir(self.base)
+        self._owner: str | None = None
+        self._renewed = 0.0
+
+    @property
+    def where(self) -> str:
+        """The URI for messages: credentials in it (``s3://key:secret@bucket``) masked."""
+        return re.sub(r"^([^:/]+://)[^/@]*@", r"\1***@", self.uri)
+
+    def _list(self, sub: str = "") -> list[str]:
+        where = f"{self.base}/{sub}" if sub else self.base
+        infos = self.fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+        return [i.base_name for i in infos]
+
+    def names(self) -> list[str]:
+        return self._list()
+
+    def open_segment(self, name: str) -> pa.NativeFile:
+        return self.fs.open_input_file(f"{self.base}/{name}")
+
+    def put_segment(self, name: str, table: pa.Table, landed: Callable[[], None]) -> None:
+        self.check_lock()
+        with self.fs.open_output_stream(f"{self.base}/{name}") as out:
+            pq.write_table(table, out)
+        landed()
+
+    # The lease: {"owner", "host", "pid", "renewed"} (seconds since the epoch, the writer's clock).
+    def _read_lease(self) -> dict | None:
+        try:
+            with self.fs.open_input_stream(f"{self.base}/{LEASE_FILE}") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # not JSON: nobody's (a store error, an OSError, propagates: the append fails)
+            return None
+
+    def _write_lease(self) -> None:
+        lease = {"owner": self._owner, "host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()}
+        with self.fs.open_output_stream(f"{self.base}/{LEASE_FILE}") as out:
+            out.write(json.dumps(lease).encode())
+        self._renewed = time.monotonic()
+
+    def lock(self) -> None:
+        held = self._read_lease()
+        if held is not None and time.time() - float(held.get("renewed", 0)) < LEASE_TTL_S:
+            raise LogLockedError(
+                f"event log {self.where} already has a writer (pid {held.get('pid')} on {held.get('host')} "
+                f"renewed {LEASE_FILE} {time.time() - float(held['renewed']):.0f} s ago; a lease lapses "
+                f"after {LEASE_TTL_S:.0f} s); offsets come from one writer, so append through it")
+        self._owner = uuid.uuid4().hex
+        self._write_lease()
+        held = self._read_lease()  # a writer that took it at the same moment wins or loses here
+        if held is None or held.get("owner") != self._owner:
+            self._owner = None
+            raise LogLockedError(f"event log {self.where}: another writer took {LEASE_FILE} at the same time")
+
+    def check_lock(self) -> None:
+        """Before a segment: the lease is still this writer's (renewed when a third of it has passed)."""
+        held = self._read_lease()
+        if held is None or held.get("owner") != self._owner:
+            raise LogLockedError(f"event log {self.where}: this writer lost {LEASE_FILE} to "
+                                 f"{'nobody' if held is None else 'pid %s on %s' % (held.get('pid'), held.get('host'))}"
+                                 "; its offsets may now be another writer's, so it stops")
+        if time.monotonic() - self._renewed > LEASE_TTL_S / 3:
+            self._write_lease()
+
+    def unlock(self) -> None:
+        if self._owner is not None:
+            held = self._read_lease()
+            if held is not None and held.get("owner") == self._owner:
+                self.fs.delete_file(f"{self.base}/{LEASE_FILE}")
+            self._owner = None
+
+    def dead_count(self) -> int:
+        return sum(int(m[1]) for n in self._list(DEAD_LETTER_DIR) if (m := _DEAD_RE.match(n)))
+
+    def add_dead(self, lines: list[str], start: int) -> None:
+        name = f"{DEAD_LETTER_DIR}/{start:020d}-{time.time_ns():020d}-{len(lines):08d}.jsonl"
+        with self.fs.open_output_stream(f"{self.base}/{name}") as out:
+            out.write("".join(lines).encode())
+
+    def dead_letters(self) -> list[dict]:
+        out = []
+        for name in sorted(n for n in self._list(DEAD_LETTER_DIR) if _DEAD_RE.match(n)):
+            with self.fs.open_input_stream(f"{self.base}/{DEAD_LETTER_DIR}/{name}") as f:
+                out += [json.loads(line) for line in f.read().decode().splitlines() if line]
+        return out
 
 
 def fsync_dir(path: Path) -> None:

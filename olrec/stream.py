@@ -69,16 +69,19 @@ class LogDatasource(ray.data.Datasource):
     latest checkpoint's watermark" resumes from it when Ray Train restarts the
     worker group and the dataset runs again. It must be picklable.
 
-    The log directory (and ``stop_file``) must be reachable at the same path
-    from the node that runs the read task.
+    The log (a directory, or a URI such as ``s3://``: see :mod:`olrec.log`)
+    and ``stop_file`` must be reachable by the same name from the node that
+    runs the read task.
     """
 
     def __init__(self, log_path: str | os.PathLike[str], start: int | Callable[[], int] = 0,
                  end: int | None = None, *, poll_interval: float = 0.2, stop_file: str | os.PathLike[str] | None = None,
                  block_rows: int = 1024, columns: Sequence[str] | None = None) -> None:
         super().__init__()
-        if not Path(log_path).is_dir():
-            raise ValueError(f"log_path {str(log_path)!r} is not an existing event log directory")
+        try:
+            EventLog(log_path, create=False)
+        except FileNotFoundError:
+            raise ValueError(f"log_path {str(log_path)!r} is not an existing event log") from None
         if end is not None:
             end = _offset("end", end)
         if not callable(start):

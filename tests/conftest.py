@@ -49,3 +49,51 @@ def serve_grpc(ray_cluster):
     serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS))
     yield port
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server on loopback (moto's, from .venv-s3: `make test` builds it); its host:port."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    server = Path(__file__).resolve().parents[1] / ".venv-s3" / "bin" / "moto_server"
+    if not server.exists():
+        pytest.fail(f"{server} is missing: `make test` (or `make .venv-s3/.installed`) installs it")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto's S3 server did not start on port {port}")
+            time.sleep(0.2)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3_uri(s3_server, request):
+    """``s3_uri(name)``: a URI under a fresh bucket of the S3 server, credentials and endpoint in it
+    (pyarrow reads both from the URI), so any process, a Ray worker too, opens it as it is."""
+    import re
+    import uuid
+
+    from pyarrow import fs
+
+    s3 = fs.S3FileSystem(access_key="testing", secret_key="testing", endpoint_override=s3_server,
+                         scheme="http", region="us-east-1", allow_bucket_creation=True)
+    bucket = (re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8])
+    s3.create_dir(bucket)
+    return lambda name: f"s3://testing:testing@{bucket}/{name}?endpoint_override={s3_server}&scheme=http&region=us-east-1"

@@ -177,7 +177,7 @@ def test_excludes_leave_out_local_state_and_keep_the_code(path: Path, tmp_path: 
 
     keep = ["olrec/cli.py", "olrec/v1/recommender_pb2.py", "serve/app.py", "serve/config.yaml",
             "cluster/jobs/ml100k.yaml", "pyproject.toml"]
-    drop = [".venv/bin/python", ".venv-peers/bin/python", "runs/ml100k/log/seg.parquet",
+    drop = [".venv/bin/python", ".venv-peers/bin/python", ".venv-s3/bin/python", "runs/ml100k/log/seg.parquet",
             "reports/demo/report.json", ".git/HEAD", "olrec/__pycache__/cli.cpython-311.pyc"]
     for rel in keep + drop:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

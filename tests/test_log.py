@@ -79,7 +79,7 @@ def test_offsets_are_contiguous_across_appends_and_recovered_on_reopen(tmp_path:
                            AppendResult(3, 8, 5, 0), AppendResult(8, 9, 1, 0)]
         assert log.end_offset == 9
     # Names alone say the ranges; the empty append wrote nothing.
-    assert [s.path.name for s in EventLog(tmp_path).segments()] == [
+    assert [s.name for s in EventLog(tmp_path).segments()] == [
         segment_name(0, 3), segment_name(3, 8), segment_name(8, 9)]
     assert segment_name(0, 1000) == "seg-00000000000000000000-00000000000000001000.parquet"
 

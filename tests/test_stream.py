@@ -156,7 +156,7 @@ def test_bad_arguments_are_refused_by_name_and_value(tmp_path: Path, kwargs: dic
 
 def test_a_missing_log_or_a_leftover_stop_file_is_refused(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    with pytest.raises(ValueError, match=f"log_path {_re(repr(str(missing)))} is not an existing event log directory"):
+    with pytest.raises(ValueError, match=f"log_path {_re(repr(str(missing)))} is not an existing event log"):
         log_dataset(missing)
     assert not missing.exists()  # building a dataset never creates a log
     EventLog(tmp_path / "log")

@@ -1,0 +1,123 @@
+"""The event log under an S3 prefix, against a real S3 server (moto's, on loopback).
+
+What differs from a directory (tests/test_log.py has the log's contract): no
+rename, so a segment is one object that appears whole; dead letters are an
+object per append; the single writer holds a lease object.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pytest
+
+import olrec.log as log_mod
+from olrec.log import EventLog, LogLockedError, is_uri, segment_name
+
+
+def _events(n: int, start_id: int = 0) -> pa.Table:
+    return pa.table({"user_id": pa.array(range(start_id, start_id + n), pa.int64()),
+                     "item_id": pa.array([7] * n, pa.int64()),
+                     "ts": pa.array([1.0 * i for i in range(n)], pa.float64()),
+                     "label": pa.array([i % 2 for i in range(n)], pa.int8())})
+
+
+def test_a_uri_is_told_from_a_path() -> None:
+    assert is_uri("s3://bucket/log") and is_uri("s3:/bucket/log") and is_uri("gs://b/x")
+    assert not is_uri("/tmp/log") and not is_uri("runs/log") and not is_uri("C_drive/log")
+
+
+def test_append_and_read_back_in_offset_order(s3_uri) -> None:
+    uri = s3_uri("append")
+    with EventLog(uri) as log:
+        assert log.append(_events(3)).end == 3
+        assert log.append(_events(5, 100)).end == 8
+    reader = EventLog(uri, create=False)
+    assert [s.name for s in reader.segments()] == [segment_name(0, 3), segment_name(3, 8)]
+    assert reader.end_offset == 8
+    got = pa.concat_tables(reader.read())
+    assert got["offset"].to_pylist() == list(range(8))
+    assert got["user_id"].to_pylist() == [0, 1, 2, 100, 101, 102, 103, 104]
+    assert pa.concat_tables(reader.read(2, 5, columns=["item_id"])).column_names == ["offset", "item_id"]
+
+
+def test_a_missing_log_is_named_without_its_credentials(s3_uri) -> None:
+    uri = s3_uri("never-written")
+    with pytest.raises(FileNotFoundError, match="never-written") as err:
+        EventLog(uri, create=False)
+    assert "testing:testing" in uri and "testing:testing" not in str(err.value) and "s3://***@" in str(err.value)
+    assert "testing:testing" not in repr(EventLog(s3_uri("written")))
+
+
+def test_bad_rows_become_dead_letter_objects_and_are_counted(s3_uri) -> None:
+    uri = s3_uri("dead")
+    bad = _events(4).set_column(3, "label", pa.array([1, 7, 0, 9], pa.int8()))  # labels must be 0 or 1
+    with EventLog(uri) as log:
+        r = log.append(bad)
+        assert (r.n_good, r.n_bad) == (2, 2)
+        log.append(_events(1))
+        assert log.dead_lettered == 2
+    reader = EventLog(uri)
+    assert reader.dead_lettered == 2 and reader.end_offset == 3
+    letters = reader.dead_letters()
+    assert [d["row"]["label"] for d in letters] == ["7", "9"] and all("label" in d["reason"] for d in letters)
+
+
+def test_one_writer_holds_the_lease(s3_uri) -> None:
+    uri = s3_uri("lease")
+    first = EventLog(uri).open_writer()
+    with pytest.raises(LogLockedError, match="already has a writer"):
+        EventLog(uri).open_writer()
+    first.append(_events(2))
+    first.close()  # gives the lease back: the next writer needs no wait
+    with EventLog(uri) as second:
+        assert second.append(_events(2)).start == 2
+
+
+def test_a_lapsed_lease_passes_on_and_the_old_writer_stops(s3_uri, monkeypatch) -> None:
+    """A writer that stopped renewing (a crash, a pause) loses the log after the
+    lease's time; if it comes back, it refuses to write rather than reuse offsets."""
+    uri = s3_uri("lapse")
+    old = EventLog(uri).open_writer()
+    old.append(_events(2))
+    monkeypatch.setattr(log_mod, "LEASE_TTL_S", 0.0)  # every lease has lapsed
+    new = EventLog(uri).open_writer()
+    assert new.append(_events(3)).start == 2
+    with pytest.raises(LogLockedError, match="lost writer.lease"):
+        old.append(_events(1))
+    assert EventLog(uri).end_offset == 5  # nothing of the old writer's last append
+    new.close()
+
+
+def test_a_follower_sees_new_segments(s3_uri) -> None:
+    uri = s3_uri("follow")
+    writer = EventLog(uri).open_writer()
+    writer.append(_events(2))
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def follow() -> None:
+        for t in EventLog(uri).follow(0, poll_interval=0.05, stop=stop, idle_timeout=10):
+            seen.extend(t["offset"].to_pylist())
+            if len(seen) >= 5:
+                stop.set()
+
+    th = threading.Thread(target=follow)
+    th.start()
+    writer.append(_events(3))
+    th.join(20)
+    assert seen == [0, 1, 2, 3, 4]
+    writer.close()
+
+
+def test_ray_data_streams_an_s3_log(s3_uri, ray_cluster) -> None:
+    """The training stream's read task (another process) follows the log from its URI."""
+    from olrec.stream import iter_events, log_dataset
+
+    uri = s3_uri("stream")
+    with EventLog(uri) as log:
+        for i in range(4):
+            log.append(_events(5, 10 * i))
+    got = pa.concat_tables(list(iter_events(log_dataset(uri, 0, 20, poll_interval=0.05, block_rows=8))))
+    assert got["offset"].to_pylist() == list(range(20))
