@@ -42,6 +42,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -98,7 +99,7 @@ class EventLog:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
-        self._dir: _LocalDir | _ObjectDir = _ObjectDir(str(path), create) if is_uri(path) else _LocalDir(Path(path), create)
+        self._dir = _open_dir(path, create)
         self._lock = threading.RLock()  # serializes appends from producer threads
         self._writer = False  # whether this instance holds the writer lock or lease
         # Segment names parsed before: followers list the log several times a second,
@@ -157,7 +158,7 @@ class EventLog:
         """Release the writer lock (if held). Reading still works afterwards."""
         with self._lock:
             if self._writer:
-                self._writer = False
+                self._writer = False  # even if the release fails: this instance stops writing
                 self._dir.unlock()
 
     def __enter__(self) -> EventLog:
@@ -180,14 +181,19 @@ class EventLog:
         with self._lock:
             self.open_writer()
             start = self._end
-            # Dead letters first: if we crash before the segment lands, the
-            # append was never acknowledged, and no rejected row went unrecorded.
-            if split.n_bad:
-                self._write_dead_letters(split.bad)
-            n_good = split.good.num_rows
-            if n_good:
-                good = split.good.add_column(0, OFFSET, pa.array(np.arange(start, start + n_good, dtype=np.int64)))
-                self._write_segment(good, start, start + n_good)
+            try:
+                # Dead letters first: if we crash before the segment lands, the
+                # append was never acknowledged, and no rejected row went unrecorded.
+                if split.n_bad:
+                    self._write_dead_letters(split.bad)
+                n_good = split.good.num_rows
+                if n_good:
+                    good = split.good.add_column(0, OFFSET, pa.array(np.arange(start, start + n_good, dtype=np.int64)))
+                    self._write_segment(good, start, start + n_good)
+            except LogLockedError:  # another writer has the log now: stop being one
+                self._writer = False
+                self._dir.forget()
+                raise
             return AppendResult(start=start, end=start + n_good, n_good=n_good, n_bad=split.n_bad)
 
     def _write_segment(self, table: pa.Table, start: int, end: int) -> None:
@@ -322,10 +328,36 @@ class EventLog:
 # -- where a log lives: a POSIX directory or a prefix in an object store ------------------------
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+
+
 def is_uri(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` names a filesystem by URI (``s3://...``, ``gs://...``) rather than a local path.
     ``Path()`` folds ``s3://b`` to ``s3:/b``: look for the scheme either way."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(path)) is not None
+    return _SCHEME.match(str(path)) is not None
+
+
+def mask_uri(text: str) -> str:
+    """``text`` with the credentials of a URI in it (``s3://key:secret@bucket/...``) masked, for messages."""
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*:/+)[^?#\s'\"]*@", r"\1***@", str(text))
+
+
+def _open_dir(path: str | os.PathLike[str], create: bool) -> _LocalDir | _ObjectDir:
+    m = _SCHEME.match(str(path))
+    if m is None:
+        return _LocalDir(Path(path), create)
+    if m[1].lower() == "file":  # a local directory: rename, fsync and flock work there
+        return _LocalDir(Path(urllib.parse.urlparse(str(path)).path), create)
+    return _ObjectDir(str(path), create)
+
+
+def log_exists(path: str | os.PathLike[str]) -> bool:
+    """Whether an event log (a directory, or an object-store prefix) is at ``path``; reads none of it."""
+    try:
+        _open_dir(path, create=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class _LocalDir:
@@ -383,17 +415,24 @@ class _LocalDir:
         except BaseException:
             f.close()
             raise
-        os.ftruncate(f.fileno(), 0)
-        os.pwrite(f.fileno(), f"{os.getpid()}\n".encode(), 0)  # for the error message above
         self._lock_file = f
-        # Now nobody else writes: drop temp files of a crashed writer and cut a
-        # dead-letter line torn by a crash.
-        for p in self.path.glob(_TMP_PREFIX + "*"):
-            p.unlink(missing_ok=True)
-        _truncate_torn_tail(self.path / DEAD_LETTER)
+        try:
+            os.ftruncate(f.fileno(), 0)
+            os.pwrite(f.fileno(), f"{os.getpid()}\n".encode(), 0)  # for the error message above
+            # Now nobody else writes: drop temp files of a crashed writer and cut a
+            # dead-letter line torn by a crash.
+            for p in self.path.glob(_TMP_PREFIX + "*"):
+                p.unlink(missing_ok=True)
+            _truncate_torn_tail(self.path / DEAD_LETTER)
+        except BaseException:
+            self.unlock()
+            raise
 
     def check_lock(self) -> None:
         pass  # the flock holds until released
+
+    def forget(self) -> None:
+        self.unlock()
 
     def unlock(self) -> None:
         if self._lock_file is not None:
@@ -435,7 +474,9 @@ class _ObjectDir:
       it appends and checked before every segment it writes. pyarrow writes no
       object conditionally, so two writers racing for the lease within one
       check could both write: the fence is the one writer actor that every
-      producer appends through, and the lease turns a second writer away.
+      producer appends through, and the lease turns a second writer away. A
+      lease lapses by its writer's clock, read on the next writer's: clocks
+      must agree to well within :data:`LEASE_TTL_S`.
     """
 
     def __init__(self, uri: str, create: bool) -> None:
@@ -443,7 +484,8 @@ class _ObjectDir:
         try:
             self.fs, self.base = pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, ValueError) as e:
-            raise ValueError(f"event log {self.where!r}: not a filesystem URI pyarrow can open ({e})") from None
+            raise ValueError(f"event log {self.where!r}: not a filesystem URI pyarrow can open "
+                             f"({mask_uri(str(e))})") from None
         self.base = self.base.rstrip("/")
         if self.fs.get_file_info(self.base).type == pafs.FileType.NotFound:
             if not create:
@@ -455,7 +497,7 @@ class _ObjectDir:
     @property
     def where(self) -> str:
         """The URI for messages: credentials in it (``s3://key:secret@bucket``) masked."""
-        return re.sub(r"^([^:/]+://)[^/@]*@", r"\1***@", self.uri)
+        return mask_uri(self.uri)
 
     def _list(self, sub: str = "") -> list[str]:
         where = f"{self.base}/{sub}" if sub else self.base
@@ -469,10 +511,19 @@ class _ObjectDir:
         return self.fs.open_input_file(f"{self.base}/{name}")
 
     def put_segment(self, name: str, table: pa.Table, landed: Callable[[], None]) -> None:
-        self.check_lock()
-        with self.fs.open_output_stream(f"{self.base}/{name}") as out:
-            pq.write_table(table, out)
+        # Encoded first: an error while encoding must not reach the store, where
+        # closing the stream (as leaving a `with` does) would publish a part.
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        self._put(name, buf.getvalue())
         landed()
+
+    def _put(self, name: str, data: bytes | pa.Buffer) -> None:
+        """One object, written only while this writer holds the lease."""
+        self.check_lock()
+        out = self.fs.open_output_stream(f"{self.base}/{name}")
+        out.write(data)
+        out.close()
 
     # The lease: {"owner", "host", "pid", "renewed"} (seconds since the epoch, the writer's clock).
     def _read_lease(self) -> dict | None:
@@ -481,7 +532,7 @@ class _ObjectDir:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
-        except ValueError:  # not JSON: nobody's (a store error, an OSError, propagates: the append fails)
+        except json.JSONDecodeError:  # not a lease: nobody's (a store error propagates: the append fails)
             return None
 
     def _write_lease(self) -> None:
@@ -514,20 +565,23 @@ class _ObjectDir:
         if time.monotonic() - self._renewed > LEASE_TTL_S / 3:
             self._write_lease()
 
+    def forget(self) -> None:
+        """Stop writing without touching the lease: it is another writer's now."""
+        self._owner = None
+
     def unlock(self) -> None:
-        if self._owner is not None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
             held = self._read_lease()
-            if held is not None and held.get("owner") == self._owner:
+            if held is not None and held.get("owner") == owner:
                 self.fs.delete_file(f"{self.base}/{LEASE_FILE}")
-            self._owner = None
 
     def dead_count(self) -> int:
         return sum(int(m[1]) for n in self._list(DEAD_LETTER_DIR) if (m := _DEAD_RE.match(n)))
 
     def add_dead(self, lines: list[str], start: int) -> None:
-        name = f"{DEAD_LETTER_DIR}/{start:020d}-{time.time_ns():020d}-{len(lines):08d}.jsonl"
-        with self.fs.open_output_stream(f"{self.base}/{name}") as out:
-            out.write("".join(lines).encode())
+        self._put(f"{DEAD_LETTER_DIR}/{start:020d}-{time.time_ns():020d}-{len(lines):08d}.jsonl",
+                  "".join(lines).encode())
 
     def dead_letters(self) -> list[dict]:
         out = []

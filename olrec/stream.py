@@ -47,7 +47,7 @@ import ray.train
 from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 
-from .log import EventLog
+from .log import EventLog, log_exists, mask_uri
 
 # Every non-empty chunk exceeds one byte, so the read operator passes each one
 # on as soon as it is yielded; a chunk is one packed row, so it is never cut.
@@ -78,10 +78,8 @@ class LogDatasource(ray.data.Datasource):
                  end: int | None = None, *, poll_interval: float = 0.2, stop_file: str | os.PathLike[str] | None = None,
                  block_rows: int = 1024, columns: Sequence[str] | None = None) -> None:
         super().__init__()
-        try:
-            EventLog(log_path, create=False)
-        except FileNotFoundError:
-            raise ValueError(f"log_path {str(log_path)!r} is not an existing event log") from None
+        if not log_exists(log_path):
+            raise ValueError(f"log_path {mask_uri(str(log_path))!r} is not an existing event log")
         if end is not None:
             end = _offset("end", end)
         if not callable(start):

@@ -80,7 +80,11 @@ def s3_server():
             time.sleep(0.2)
     yield f"127.0.0.1:{port}"
     proc.terminate()
-    proc.wait(10)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture

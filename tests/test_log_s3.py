@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 import olrec.log as log_mod
-from olrec.log import EventLog, LogLockedError, is_uri, segment_name
+from olrec.log import EventLog, LogLockedError, is_uri, log_exists, mask_uri, segment_name
 
 
 def _events(n: int, start_id: int = 0) -> pa.Table:
@@ -26,6 +26,24 @@ def _events(n: int, start_id: int = 0) -> pa.Table:
 def test_a_uri_is_told_from_a_path() -> None:
     assert is_uri("s3://bucket/log") and is_uri("s3:/bucket/log") and is_uri("gs://b/x")
     assert not is_uri("/tmp/log") and not is_uri("runs/log") and not is_uri("C_drive/log")
+
+
+def test_credentials_are_masked_in_every_form() -> None:
+    for uri in ("s3://AKIA:se/cret@bucket/log?region=x", "s3:/AKIA:secret@bucket/log", "gs://tok@b/x"):
+        masked = mask_uri(f"cannot open '{uri}': no")
+        assert "AKIA" not in masked and "cret" not in masked and "tok" not in masked and "***@" in masked, masked
+    assert mask_uri("s3://bucket/log") == "s3://bucket/log"
+    with pytest.raises(ValueError) as err:
+        EventLog("s3://AKIA:se/cret@bucket/log")  # pyarrow's own message quotes the URI
+    assert "se/cret" not in str(err.value) and "AKIA" not in str(err.value)
+
+
+def test_a_file_uri_is_a_local_directory(tmp_path) -> None:
+    """file:// gets the directory's rename, fsync and flock, not the object-store path."""
+    with EventLog(f"file://{tmp_path}/log") as log:
+        log.append(_events(2))
+        assert (tmp_path / "log" / "writer.lock").exists()
+    assert log_exists(tmp_path / "log") and not log_exists(tmp_path / "nothing")
 
 
 def test_append_and_read_back_in_offset_order(s3_uri) -> None:
@@ -84,10 +102,37 @@ def test_a_lapsed_lease_passes_on_and_the_old_writer_stops(s3_uri, monkeypatch) 
     monkeypatch.setattr(log_mod, "LEASE_TTL_S", 0.0)  # every lease has lapsed
     new = EventLog(uri).open_writer()
     assert new.append(_events(3)).start == 2
-    with pytest.raises(LogLockedError, match="lost writer.lease"):
+    monkeypatch.setattr(log_mod, "LEASE_TTL_S", 30.0)  # and the new one's holds
+    bad = _events(2).set_column(3, "label", pa.array([5, 5], pa.int8()))
+    with pytest.raises(LogLockedError, match="lost writer.lease"):  # not a dead letter either
+        old.append(bad)
+    assert not old.is_writer
+    with pytest.raises(LogLockedError, match="already has a writer"):
         old.append(_events(1))
-    assert EventLog(uri).end_offset == 5  # nothing of the old writer's last append
+    reader = EventLog(uri)
+    assert reader.end_offset == 5 and reader.dead_lettered == 0  # nothing of the old writer's
     new.close()
+
+
+def test_an_error_while_encoding_publishes_nothing(s3_uri, monkeypatch) -> None:
+    """Closing a store's output stream publishes what it holds: a segment is encoded in memory
+    first, so an encoder that fails halfway leaves no object, and the offsets are not used up."""
+    uri = s3_uri("encode")
+    log = EventLog(uri).open_writer()
+    real = log_mod.pq.write_table
+
+    def half_then_fail(table, sink, **kw):
+        sink.write(b"PAR1 half a segment")
+        raise OSError("encoder failed")
+
+    monkeypatch.setattr(log_mod.pq, "write_table", half_then_fail)
+    with pytest.raises(OSError, match="encoder failed"):
+        log.append(_events(3))
+    monkeypatch.setattr(log_mod.pq, "write_table", real)
+    assert EventLog(uri).segments() == []
+    assert log.append(_events(2)).start == 0
+    assert pa.concat_tables(EventLog(uri).read())["offset"].to_pylist() == [0, 1]
+    log.close()
 
 
 def test_a_follower_sees_new_segments(s3_uri) -> None:
