@@ -67,6 +67,7 @@ from ray import serve  # noqa: E402
 
 from olrec.features import encode, ml100k_spec  # noqa: E402
 from olrec.learner import LearnerConfig, OnlineLearner  # noqa: E402
+from olrec.rayenv import apply_env  # noqa: E402
 from olrec.serving import ServeConfig, ServingModel  # noqa: E402
 from olrec.sources import read_ml100k  # noqa: E402
 from olrec.train import learn_into_run  # noqa: E402
@@ -515,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
               f"AUC check: {time.time() - t0:.1f} s", flush=True)
 
         # Logical CPUs: the replicas' (every other deployment asks for 0), at
-        # least 2 as in the tests: overcommitted on this 2-core machine.
+        # least 2 as in the tests: overcommitted on this 2-core machine. Ray and
+        # Serve settings: olrec's (olrec/rayenv.py), as `olrec serve` starts a cluster.
+        apply_env()
         ray.init(address="local", num_cpus=max(2, math.ceil(args.replicas * args.replica_cpus)),
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
         signal.signal(signal.SIGTERM, on_term)  # again: ray.init installs a handler that aborts

@@ -252,6 +252,19 @@ class EventLog:
         self._check_range(segs, start, end, log_end)
         return self._iter(segs, start, end, columns)
 
+    def read_available(self, start: int, end: int | None = None, *,
+                       columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """:meth:`read` of the events in ``[start, end)`` the log holds now
+        (``end=None``: all from ``start``): nothing, not an error, while the log
+        is short of ``start``. One listing of the log, for followers that poll."""
+        segs = self.segments()
+        log_end = segs[-1].end if segs else 0
+        end = log_end if end is None else min(end, log_end)
+        if start >= end:
+            return iter(())
+        self._check_range(segs, start, end, log_end)
+        return self._iter(segs, start, end, columns)
+
     def _check_range(self, segs: list[Segment], start: int, end: int, log_end: int) -> None:
         if start < 0:
             raise ValueError(f"start offset {start} is negative")

@@ -203,15 +203,14 @@ def _read_chunks(log_path: str, start: int | Callable[[], int], end: int | None,
     while end is None or pos < end:
         if stop is not None and stop.exists():
             return
-        available = log.end_offset if end is None else min(end, log.end_offset)
-        if available <= pos:
-            time.sleep(poll_interval)
-            continue
-        for chunk in _rechunk(log.read(pos, available, columns=columns), block_rows):
+        before = pos
+        for chunk in _rechunk(log.read_available(pos, end, columns=columns), block_rows):
             yield _pack(chunk)
             pos += chunk.num_rows
             if stop is not None and stop.exists():
                 return
+        if pos == before:
+            time.sleep(poll_interval)
 
 
 def _rechunk(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:

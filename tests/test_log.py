@@ -461,3 +461,14 @@ def test_read_from_any_offset_returns_exactly_the_tail(appends: list[pa.Table], 
         got = [row for table in EventLog(d).read(k) for row in table.to_pylist()]
         assert [row.pop("offset") for row in got] == list(range(k, len(expected)))
         assert got == expected[k:]
+
+
+def test_read_available_reads_what_is_there_and_waits_without_error(tmp_path: Path) -> None:
+    """What a follower polls with: the events the log holds now, clipped to ``end``; before
+    the log reaches ``start``, nothing (the old read() would raise)."""
+    log = EventLog(tmp_path)
+    log.append(events(0, 5))
+    assert list(log.read_available(5)) == [] and list(log.read_available(7, 9)) == []
+    got = pa.concat_tables(log.read_available(2, 100, columns=["item_id"]))
+    assert got["offset"].to_pylist() == [2, 3, 4] and got.column_names == ["offset", "item_id"]
+    assert pa.concat_tables(log.read_available(1, 3))["offset"].to_pylist() == [1, 2]
