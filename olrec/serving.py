@@ -411,6 +411,7 @@ class ServingModel:
         self._published_mtime = 0.0
         self._versions: dict[str, list[int]] = {}
         self._force_full = False  # a shard went back in version: pull everything again
+        self._shards: list | None = None  # the live trainer's shard actors, once found
         self._item_cache: tuple[RowMirror, tuple, np.ndarray, np.ndarray] | None = None
         self.user_field = self.spec.sparse_fields.index("user_id")
         self.item_field = self.spec.sparse_fields.index("item_id")
@@ -426,26 +427,42 @@ class ServingModel:
     def read_update(self) -> Update:
         """Rows, dense weights and events new since the last refresh (source
         "none" while there is no model: no trainer ran, no checkpoint)."""
+        from ray.exceptions import RayActorError
+
         events = self.catalog.read_new()
+        up = None
         shards = self._live_shards()
         if shards is not None and self.paths.published.is_file():
-            up = self._read_live(shards)
-        else:
+            try:
+                up = self._read_live(shards)
+            except RayActorError:  # the trainer stopped or restarted: look its shards up again
+                self._shards = None
+                shards = self._live_shards()
+                if shards is not None:
+                    up = self._read_live(shards)
+        if up is None:
             up = self._read_checkpoint()
         up.events = events
         return up
 
     def _live_shards(self) -> list | None:
+        """The trainer's shard actors, looked up by name once and kept (a lookup
+        is a round trip to Ray's GCS per shard; refreshes come 5 times a second)
+        until a call to them fails."""
         import ray
 
         from .train import NAMESPACE, shard_name
 
+        if self._shards is not None:
+            return self._shards
         if not ray.is_initialized():
             return None
         try:
-            return [ray.get_actor(shard_name(self.paths.root, i), namespace=NAMESPACE) for i in range(self.n_shards)]
+            self._shards = [ray.get_actor(shard_name(self.paths.root, i), namespace=NAMESPACE)
+                            for i in range(self.n_shards)]
         except ValueError:
             return None
+        return self._shards
 
     def _read_live(self, shards: list) -> Update:
         source = "live:" + ",".join(s._actor_id.hex()[:8] for s in shards)

@@ -238,3 +238,40 @@ def test_the_catalog_batch_is_what_encode_gives(run):
                 np.testing.assert_array_equal(a, b, err_msg=f)
         np.testing.assert_array_equal(got.numeric, want.numeric)
         np.testing.assert_array_equal(got.label, want.label)
+
+
+def test_live_shards_are_looked_up_once_and_again_after_they_go(tmp_path, ray_cluster, monkeypatch):
+    """A replica finds the trainer's shard actors by name once (not at every refresh),
+    falls back to the checkpoint when they die, and finds a new trainer's shards."""
+    from olrec.checkpoint import CheckpointStore
+    from olrec.learner import LearnerConfig, learner_tables
+    from olrec.ps import LocalShard
+    from olrec.train import NAMESPACE, RunPaths, _publish, shard_name
+
+    learner = make_run(tmp_path, n_events=2_000, shards=1)
+    paths = RunPaths(tmp_path)
+    _publish(paths.published, learner, 2_000)
+    snapshot = str(CheckpointStore(paths.checkpoints).latest().file("shard-0000.pkl"))
+    actor = ray_cluster.remote(num_cpus=0)(LocalShard)
+
+    def start_shard():
+        handle = actor.options(name=shard_name(tmp_path, 0), namespace=NAMESPACE).remote(
+            learner_tables(ml100k_spec(), LearnerConfig()), 0)
+        ray_cluster.get(handle.restore.remote(snapshot))
+        return handle
+
+    model = ServingModel(ServeConfig(run_dir=str(tmp_path)))
+    shard = start_shard()
+    lookups: list = []
+    real = ray_cluster.get_actor
+    monkeypatch.setattr(ray_cluster, "get_actor", lambda *a, **kw: lookups.append(a) or real(*a, **kw))
+    for _ in range(5):
+        model.apply(model.read_update())
+    assert model.snapshot.source.startswith("live:") and len(lookups) == 1
+    ray_cluster.kill(shard)
+    model.apply(model.read_update())  # the call to the dead shard fails, and no shard has its name now
+    assert model.snapshot.source.startswith("checkpoint:") and model.snapshot.watermark == 2_000
+    monkeypatch.setattr(ray_cluster, "get_actor", real)
+    shard = start_shard()  # a new trainer's (held: an actor without a handle goes away)
+    model.apply(model.read_update())
+    assert model.snapshot.source.startswith("live:") and model.snapshot.watermark == 2_000
