@@ -83,6 +83,13 @@ def run_ray(events_log: Path, spec: FeatureSpec, cfg: LearnerConfig, workers: in
             "wall_s": wall, "events_trained": m["events_trained"]}
 
 
+def start_ray() -> None:
+    """A new local cluster (its processes take this one's environment)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+
+
 def with_ray_default_inline(run):
     """``run()`` on a fresh local cluster whose processes inline objects up to Ray's default size."""
     import ray
@@ -91,7 +98,7 @@ def with_ray_default_inline(run):
     had = os.environ.get(INLINE)
     os.environ[INLINE] = RAY_DEFAULT_INLINE
     try:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        start_ray()
         return run()
     finally:
         ray.shutdown()
@@ -128,7 +135,7 @@ def main() -> int:
         tmp = Path(tmp_s)
         t0 = time.time()
         apply_env()  # olrec's Ray settings, as `olrec train` starts a local cluster with them
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        start_ray()
         print(f"ray.init: {time.time() - t0:.1f} s ({INLINE}={os.environ[INLINE]})")
         datasets = [("ml100k", lambda: (read_ml100k(args.data), ml100k_spec())),
                     ("synthetic", lambda: (synthetic(args.synthetic_events), FeatureSpec()))]

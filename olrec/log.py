@@ -113,7 +113,7 @@ class EventLog:
     @property
     def path(self) -> Path | str:
         """The log's directory, or its URI."""
-        return self._dir.path if isinstance(self._dir, _LocalDir) else self._dir.uri
+        return self._dir.path
 
     @property
     def is_writer(self) -> bool:
@@ -233,9 +233,13 @@ class EventLog:
                 raise RuntimeError(f"event log {self._dir.where} is corrupt: {a.name} is followed by {b.name}")
         return segs
 
-    def _scan_end(self) -> int:
+    def _listing(self) -> tuple[list[Segment], int]:
+        """The segments and the log end, from one listing."""
         segs = self.segments()
-        return segs[-1].end if segs else 0
+        return segs, segs[-1].end if segs else 0
+
+    def _scan_end(self) -> int:
+        return self._listing()[1]
 
     def read(self, start: int = 0, end: int | None = None, *,
              columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
@@ -246,8 +250,7 @@ class EventLog:
         ``offset`` plus those columns (nulls where a segment lacks one).
         Validation happens here, not on first ``next()``.
         """
-        segs = self.segments()
-        log_end = segs[-1].end if segs else 0
+        segs, log_end = self._listing()
         end = log_end if end is None else end
         self._check_range(segs, start, end, log_end)
         return self._iter(segs, start, end, columns)
@@ -257,8 +260,7 @@ class EventLog:
         """:meth:`read` of the events in ``[start, end)`` the log holds now
         (``end=None``: all from ``start``): nothing, not an error, while the log
         is short of ``start``. One listing of the log, for followers that poll."""
-        segs = self.segments()
-        log_end = segs[-1].end if segs else 0
+        segs, log_end = self._listing()
         end = log_end if end is None else min(end, log_end)
         if start >= end:
             return iter(())
@@ -315,8 +317,7 @@ class EventLog:
         pos = start
         last_new = time.monotonic()
         while stop is None or not stop.is_set():
-            segs = self.segments()
-            log_end = segs[-1].end if segs else 0
+            segs, log_end = self._listing()
             self._check_range(segs, pos, log_end, log_end)
             if log_end > pos:
                 for table in self._iter(segs, pos, log_end, columns):
@@ -493,7 +494,7 @@ class _ObjectDir:
     """
 
     def __init__(self, uri: str, create: bool) -> None:
-        self.uri = uri
+        self.path = uri  # the URI, as given
         try:
             self.fs, self.base = pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, ValueError) as e:
@@ -510,7 +511,7 @@ class _ObjectDir:
     @property
     def where(self) -> str:
         """The URI for messages: credentials in it (``s3://key:secret@bucket``) masked."""
-        return mask_uri(self.uri)
+        return mask_uri(self.path)
 
     def _list(self, sub: str = "") -> list[str]:
         where = f"{self.base}/{sub}" if sub else self.base

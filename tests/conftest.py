@@ -54,18 +54,17 @@ def serve_grpc(ray_cluster):
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 server on loopback (moto's, from .venv-s3: `make test` builds it); its host:port."""
-    import socket
     import subprocess
     import time
     import urllib.request
     from pathlib import Path
 
+    from servingrun import free_port
+
     server = Path(__file__).resolve().parents[1] / ".venv-s3" / "bin" / "moto_server"
     if not server.exists():
         pytest.fail(f"{server} is missing: `make test` (or `make .venv-s3/.installed`) installs it")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60

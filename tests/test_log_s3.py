@@ -14,13 +14,7 @@ import pytest
 
 import olrec.log as log_mod
 from olrec.log import EventLog, LogLockedError, is_uri, log_exists, mask_uri, segment_name
-
-
-def _events(n: int, start_id: int = 0) -> pa.Table:
-    return pa.table({"user_id": pa.array(range(start_id, start_id + n), pa.int64()),
-                     "item_id": pa.array([7] * n, pa.int64()),
-                     "ts": pa.array([1.0 * i for i in range(n)], pa.float64()),
-                     "label": pa.array([i % 2 for i in range(n)], pa.int8())})
+from test_log import events
 
 
 def test_a_uri_is_told_from_a_path() -> None:
@@ -41,7 +35,7 @@ def test_credentials_are_masked_in_every_form() -> None:
 def test_a_file_uri_is_a_local_directory(tmp_path) -> None:
     """file:// gets the directory's rename, fsync and flock, not the object-store path."""
     with EventLog(f"file://{tmp_path}/log") as log:
-        log.append(_events(2))
+        log.append(events(0, 2))
         assert (tmp_path / "log" / "writer.lock").exists()
     assert log_exists(tmp_path / "log") and not log_exists(tmp_path / "nothing")
 
@@ -49,14 +43,14 @@ def test_a_file_uri_is_a_local_directory(tmp_path) -> None:
 def test_append_and_read_back_in_offset_order(s3_uri) -> None:
     uri = s3_uri("append")
     with EventLog(uri) as log:
-        assert log.append(_events(3)).end == 3
-        assert log.append(_events(5, 100)).end == 8
+        assert log.append(events(0, 3)).end == 3
+        assert log.append(events(100, 105)).end == 8
     reader = EventLog(uri, create=False)
     assert [s.name for s in reader.segments()] == [segment_name(0, 3), segment_name(3, 8)]
     assert reader.end_offset == 8
     got = pa.concat_tables(reader.read())
     assert got["offset"].to_pylist() == list(range(8))
-    assert got["user_id"].to_pylist() == [0, 1, 2, 100, 101, 102, 103, 104]
+    assert got["event_id"].to_pylist() == [0, 1, 2, 100, 101, 102, 103, 104]
     assert pa.concat_tables(reader.read(2, 5, columns=["item_id"])).column_names == ["offset", "item_id"]
 
 
@@ -70,11 +64,11 @@ def test_a_missing_log_is_named_without_its_credentials(s3_uri) -> None:
 
 def test_bad_rows_become_dead_letter_objects_and_are_counted(s3_uri) -> None:
     uri = s3_uri("dead")
-    bad = _events(4).set_column(3, "label", pa.array([1, 7, 0, 9], pa.int8()))  # labels must be 0 or 1
+    bad = events(0, 4).set_column(3, "label", pa.array([1, 7, 0, 9], pa.int8()))  # labels must be 0 or 1
     with EventLog(uri) as log:
         r = log.append(bad)
         assert (r.n_good, r.n_bad) == (2, 2)
-        log.append(_events(1))
+        log.append(events(0, 1))
         assert log.dead_lettered == 2
     reader = EventLog(uri)
     assert reader.dead_lettered == 2 and reader.end_offset == 3
@@ -87,10 +81,10 @@ def test_one_writer_holds_the_lease(s3_uri) -> None:
     first = EventLog(uri).open_writer()
     with pytest.raises(LogLockedError, match="already has a writer"):
         EventLog(uri).open_writer()
-    first.append(_events(2))
+    first.append(events(0, 2))
     first.close()  # gives the lease back: the next writer needs no wait
     with EventLog(uri) as second:
-        assert second.append(_events(2)).start == 2
+        assert second.append(events(0, 2)).start == 2
 
 
 def test_a_lapsed_lease_passes_on_and_the_old_writer_stops(s3_uri, monkeypatch) -> None:
@@ -98,17 +92,17 @@ def test_a_lapsed_lease_passes_on_and_the_old_writer_stops(s3_uri, monkeypatch) 
     lease's time; if it comes back, it refuses to write rather than reuse offsets."""
     uri = s3_uri("lapse")
     old = EventLog(uri).open_writer()
-    old.append(_events(2))
+    old.append(events(0, 2))
     monkeypatch.setattr(log_mod, "LEASE_TTL_S", 0.0)  # every lease has lapsed
     new = EventLog(uri).open_writer()
-    assert new.append(_events(3)).start == 2
+    assert new.append(events(0, 3)).start == 2
     monkeypatch.setattr(log_mod, "LEASE_TTL_S", 30.0)  # and the new one's holds
-    bad = _events(2).set_column(3, "label", pa.array([5, 5], pa.int8()))
+    bad = events(0, 2).set_column(3, "label", pa.array([5, 5], pa.int8()))
     with pytest.raises(LogLockedError, match="lost writer.lease"):  # not a dead letter either
         old.append(bad)
     assert not old.is_writer
     with pytest.raises(LogLockedError, match="already has a writer"):
-        old.append(_events(1))
+        old.append(events(0, 1))
     reader = EventLog(uri)
     assert reader.end_offset == 5 and reader.dead_lettered == 0  # nothing of the old writer's
     new.close()
@@ -127,10 +121,10 @@ def test_an_error_while_encoding_publishes_nothing(s3_uri, monkeypatch) -> None:
 
     monkeypatch.setattr(log_mod.pq, "write_table", half_then_fail)
     with pytest.raises(OSError, match="encoder failed"):
-        log.append(_events(3))
+        log.append(events(0, 3))
     monkeypatch.setattr(log_mod.pq, "write_table", real)
     assert EventLog(uri).segments() == []
-    assert log.append(_events(2)).start == 0
+    assert log.append(events(0, 2)).start == 0
     assert pa.concat_tables(EventLog(uri).read())["offset"].to_pylist() == [0, 1]
     log.close()
 
@@ -138,7 +132,7 @@ def test_an_error_while_encoding_publishes_nothing(s3_uri, monkeypatch) -> None:
 def test_a_follower_sees_new_segments(s3_uri) -> None:
     uri = s3_uri("follow")
     writer = EventLog(uri).open_writer()
-    writer.append(_events(2))
+    writer.append(events(0, 2))
     stop = threading.Event()
     seen: list[int] = []
 
@@ -150,7 +144,7 @@ def test_a_follower_sees_new_segments(s3_uri) -> None:
 
     th = threading.Thread(target=follow)
     th.start()
-    writer.append(_events(3))
+    writer.append(events(0, 3))
     th.join(20)
     assert seen == [0, 1, 2, 3, 4]
     writer.close()
@@ -163,6 +157,6 @@ def test_ray_data_streams_an_s3_log(s3_uri, ray_cluster) -> None:
     uri = s3_uri("stream")
     with EventLog(uri) as log:
         for i in range(4):
-            log.append(_events(5, 10 * i))
+            log.append(events(10 * i, 10 * i + 5))
     got = pa.concat_tables(list(iter_events(log_dataset(uri, 0, 20, poll_interval=0.05, block_rows=8))))
     assert got["offset"].to_pylist() == list(range(20))
