@@ -23,8 +23,10 @@ checkpoint's weights. Checkpoints are ordered by ``seq``, not by watermark: a
 run resumed from an older checkpoint (the newest was refused) may commit a
 lower watermark, and that newer checkpoint is the one to resume from.
 
-Only ``os``, ``pathlib``, ``shutil`` and ``json`` touch the disk, and all of it
-in a few private helpers, so the store can move to another filesystem API.
+An object store has no rename: :class:`ObjectCheckpointStore` keeps the same
+layout and the same rule (complete exactly when the manifest exists) by
+staging each checkpoint where it stays and putting the manifest last;
+:func:`checkpoint_store` picks the store for a path or a URI.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-from .log import fsync_dir
+from pyarrow import fs as pafs
+
+from . import storage
+from .storage import fsync_dir
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # manifest format version; a reader refuses one it does not know
@@ -63,12 +68,12 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used. ``path`` is the checkpoint (or staging)
-    directory; ``problems`` one line per thing wrong, each naming the file."""
+    directory or URI; ``problems`` one line per thing wrong, each naming the file."""
 
-    def __init__(self, path: Path, problems: Sequence[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str, problems: Sequence[str]) -> None:
+        self.path = path if storage.is_uri(path) else Path(path)
         self.problems = list(problems)
-        super().__init__(f"checkpoint {self.path}: " + "; ".join(self.problems))
+        super().__init__(f"checkpoint {storage.where(self.path)}: " + "; ".join(self.problems))
 
 
 class FileEntry(NamedTuple):
@@ -80,14 +85,14 @@ class FileEntry(NamedTuple):
 class Checkpoint:
     """A complete checkpoint as its manifest describes it (not yet verified)."""
 
-    path: Path
+    path: Path | str  # a local directory, or an object-store URI
     seq: int
     watermark: int  # every event with a log offset below it is in the checkpoint
     meta: dict[str, Any] = field(compare=False)
     created: float  # time.time() at commit
     files: dict[str, FileEntry] = field(compare=False, repr=False)  # relative posix path -> entry
 
-    def file(self, name: str | os.PathLike[str]) -> Path:
+    def file(self, name: str | os.PathLike[str]) -> Path | str:
         """The path of file ``name`` (relative, ``/``-separated) of this checkpoint.
 
         Raises :class:`CheckpointError` if the manifest lists no such file, so a
@@ -97,7 +102,11 @@ class Checkpoint:
         if rel not in self.files:
             have = ", ".join(sorted(self.files)) or "none"
             raise CheckpointError(self.path, [f"has no file {rel!r} (its files: {have})"])
-        return self.path / rel
+        return storage.join(self.path, *rel.split("/"))
+
+    def read(self, name: str | os.PathLike[str]) -> bytes:
+        """The bytes of file ``name`` (see :meth:`file`); wherever the checkpoint lives."""
+        return storage.read_bytes(self.file(name))
 
 
 class CheckpointStore:
@@ -160,17 +169,7 @@ class CheckpointStore:
         changes while it is read; the staging directory is then left as it is
         (``abort`` it, or let a later commit clean it up).
         """
-        if isinstance(watermark, bool):
-            raise ValueError(f"watermark must be an integer >= 0, got {watermark!r}")
-        try:
-            watermark = operator.index(watermark)  # numpy integers too
-        except TypeError:
-            raise ValueError(f"watermark must be an integer >= 0, got {watermark!r}") from None
-        if watermark < 0:
-            raise ValueError(f"watermark must be an integer >= 0, got {watermark}")
-        meta = {} if meta is None else meta
-        _check_json(meta, "meta")
-        meta = json.loads(json.dumps(meta, allow_nan=False))  # tuples become lists, as a reader sees them
+        watermark, meta = _check_commit(watermark, meta)
         staging = self._check_staging(staging, must_exist=True)
 
         files = _checksum_tree(staging)
@@ -188,12 +187,15 @@ class CheckpointStore:
 
         final = self._publish(staging)
         self._open.discard(staging)
-        ckpt = Checkpoint(final, _seq_of(final.name), watermark, meta, body["created"], files)
+        return self._committed(Checkpoint(final, _seq_of(final.name), watermark, meta, body["created"], files))
+
+    def _committed(self, ckpt: Checkpoint) -> Checkpoint:
         try:  # housekeeping: the checkpoint is committed whatever happens here
             self._prune()
             self.cleanup()
         except OSError as e:
-            log.warning("checkpoint %s committed, but pruning or cleaning up %s failed: %s", final, self.root, e)
+            log.warning("checkpoint %s committed, but pruning or cleaning up %s failed: %s",
+                        storage.where(ckpt.path), storage.where(self.root), e)
         return ckpt
 
     def _publish(self, staging: Path) -> Path:
@@ -229,7 +231,7 @@ class CheckpointStore:
             try:
                 out.append(self._load(path))
             except CheckpointError as e:
-                if path.exists():  # else pruned while we looked: not a refusal
+                if storage.exists(path):  # else pruned while we looked: not a refusal
                     report(e)
         return out
 
@@ -247,7 +249,7 @@ class CheckpointStore:
         if changed:
             raise CheckpointError(ckpt.path, [f"{MANIFEST} on disk differs from the one read before in "
                                               + ", ".join(changed)])
-        _check_files(ckpt)
+        self._check_files(ckpt)
 
     def latest(self, on_refused: Callable[[CheckpointError], None] | None = None) -> Checkpoint | None:
         """The newest checkpoint that verifies, or ``None`` if none does.
@@ -260,9 +262,9 @@ class CheckpointStore:
         for _, path in reversed(self._scan()):
             try:
                 ckpt = self._load(path)
-                _check_files(ckpt)
+                self._check_files(ckpt)
             except CheckpointError as e:
-                if path.exists():
+                if storage.exists(path):
                     report(e)
                 continue
             return ckpt
@@ -357,15 +359,18 @@ class CheckpointStore:
             raise ValueError(f"staging directory {path} does not exist (committed or aborted already?)")
         return self.root / path.name  # one spelling, as stage() handed it out
 
-    def _load(self, path: Path) -> Checkpoint:
+    def _check_files(self, ckpt: Checkpoint) -> None:
+        _check_files(ckpt, _hash_file)
+
+    def _load(self, path: Path | str) -> Checkpoint:
         """Parse and check ``path``'s manifest (not its files)."""
         def bad(what: str) -> CheckpointError:
             return CheckpointError(path, [f"unreadable {MANIFEST}: {what}"])
 
         try:
-            raw = (path / MANIFEST).read_bytes()
+            raw = storage.read_bytes(storage.join(path, MANIFEST))
         except OSError as e:
-            raise bad(f"{type(e).__name__}: {e.strerror or e}") from None
+            raise bad(f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}") from None
         try:
             m = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -402,7 +407,129 @@ class CheckpointStore:
                     or not isinstance(sha, str) or not _SHA256_RE.match(sha):
                 raise bad(f"entry of file {rel!r} is {e!r}, not {{'size': int >= 0, 'sha256': 64 hex digits}}")
             entries[rel] = FileEntry(size, sha)
-        return Checkpoint(path, _seq_of(path.name), wm, meta, float(created), entries)
+        return Checkpoint(path, _seq_of(storage.name_of(path)), wm, meta, float(created), entries)
+
+
+class ObjectCheckpointStore(CheckpointStore):
+    """:class:`CheckpointStore` under an object-store prefix (``s3://bucket/run/checkpoints``).
+
+    An object store renames nothing, so a checkpoint is staged where it will
+    stay: :meth:`stage` hands out the next ``ckpt-<seq>`` prefix, writers put
+    their objects there, and :meth:`commit` reads each back for its size and
+    sha256 and then puts ``manifest.json``, one object. The checkpoint is
+    complete exactly when that object exists; a prefix without one (staging,
+    or left by a crash) is never read, and :meth:`cleanup` deletes it once
+    nothing in it changed for ``stale_after`` seconds. Pruning deletes the
+    manifest first, so a half-deleted checkpoint is an incomplete one.
+
+    Sequence numbers are taken when staging: one committer at a time (the
+    trainer's rank 0), as the store itself cannot refuse a second.
+    """
+
+    def __init__(self, root: str, keep: int = 3, *, stale_after: float = 600.0) -> None:
+        super().__init__(root, keep, stale_after=stale_after)
+        self.root = str(root).rstrip("/")  # type: ignore[assignment]
+        self._open: set[str] = set()  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ObjectCheckpointStore({storage.where(self.root)!r}, keep={self.keep})"
+
+    def stage(self) -> str:  # type: ignore[override]
+        """The prefix (a URI) of the next checkpoint; any process may put objects under it."""
+        taken = max((_seq_of(n) for n in self._open), default=0)
+        name = f"{_PREFIX}{max(self._next_seq(), taken + 1):08d}"
+        self._open.add(name)
+        return str(storage.join(self.root, name))
+
+    def abort(self, staging: str | os.PathLike[str]) -> None:
+        name = self._check_staging(staging, must_exist=False)
+        storage.remove_tree(storage.join(self.root, name))
+        self._open.discard(name)
+
+    def commit(self, staging: str | os.PathLike[str], watermark: int,
+               meta: Mapping[str, Any] | None = None) -> Checkpoint:
+        """Make ``staging`` (from :meth:`stage`) the newest checkpoint at ``watermark``, then prune to
+        ``keep``. Every object under it is read for its size and sha256; the manifest goes in last.
+        Raises :class:`CheckpointError` for an object named ``manifest.json``."""
+        watermark, meta = _check_commit(watermark, meta)
+        name = self._check_staging(staging, must_exist=True)
+        path = str(storage.join(self.root, name))
+        listed = storage.files_under(path)
+        if not listed:  # an object store cannot tell an empty prefix from a deleted one
+            raise ValueError(f"staging prefix {storage.where(path)} holds no objects: nothing to commit "
+                             "(deleted by another store's cleanup?)")
+        if MANIFEST in listed:
+            raise CheckpointError(path, [f"{MANIFEST} is reserved for the checkpoint's manifest"])
+        files = {}
+        for rel in sorted(listed):
+            try:
+                files[rel] = _hash_object(storage.join(path, *rel.split("/")), rel)
+            except _FileProblem as e:
+                raise CheckpointError(path, [str(e)]) from None
+        body = {"format": FORMAT, "watermark": watermark, "created": time.time(), "meta": meta,
+                "files": {rel: {"size": e.size, "sha256": e.sha256} for rel, e in files.items()}}
+        manifest = dict(body, manifest_sha256=_body_digest(body))
+        storage.write_bytes(storage.join(path, MANIFEST),
+                            (json.dumps(manifest, indent=1, allow_nan=False) + "\n").encode())
+        self._open.discard(name)
+        return self._committed(Checkpoint(path, _seq_of(name), watermark, meta, body["created"], files))
+
+    def cleanup(self, min_age: float | None = None) -> list[Path]:  # type: ignore[override]
+        """Delete every incomplete ``ckpt-*`` prefix not handed out by this instance in which
+        nothing changed for ``min_age`` seconds (default ``stale_after``); return their URIs."""
+        min_age = self.stale_after if min_age is None else min_age
+        newest: dict[str, float] = {}
+        complete = set()
+        for rel, (_, mtime) in storage.files_under(self.root).items():
+            top, _, rest = rel.partition("/")
+            if _NAME_RE.match(top):
+                newest[top] = max(newest.get(top, 0.0), mtime)
+                complete.update([top] if rest == MANIFEST else [])
+        removed = []
+        for name, mtime in newest.items():
+            if name not in complete and name not in self._open and time.time() - mtime >= min_age:
+                path = storage.join(self.root, name)
+                storage.remove_tree(path)
+                removed.append(path)
+        return removed  # type: ignore[return-value]
+
+    def _prune(self) -> None:
+        for _, path in self._scan()[: -self.keep]:
+            try:
+                storage.remove(storage.join(path, MANIFEST))  # first: from here on it is not a checkpoint
+                storage.remove_tree(path)
+            except OSError as e:
+                log.warning("could not prune checkpoint %s: %s", storage.where(path), e)
+
+    def _check_files(self, ckpt: Checkpoint) -> None:
+        _check_files(ckpt, _hash_object)
+
+    def _scan(self) -> list[tuple[int, str]]:  # type: ignore[override]
+        """``(seq, uri)`` of every complete checkpoint (a ``ckpt-*`` prefix with a manifest), by seq."""
+        found = []
+        for name in storage.listdir(self.root):
+            if _NAME_RE.match(name) and storage.is_file(storage.join(self.root, name, MANIFEST)):
+                found.append((_seq_of(name), str(storage.join(self.root, name))))
+        return sorted(found)
+
+    def _next_seq(self) -> int:
+        return max((_seq_of(n) for n in storage.listdir(self.root) if _NAME_RE.match(n)), default=0) + 1
+
+    def _check_staging(self, staging: str | os.PathLike[str], *, must_exist: bool) -> str:  # type: ignore[override]
+        """The checkpoint name of ``staging`` if this instance staged it (else ValueError)."""
+        name = storage.name_of(staging)
+        if str(staging) != str(storage.join(self.root, name)) or (must_exist and name not in self._open):
+            raise ValueError(f"staging prefix {storage.where(staging)} is not one this store handed out "
+                             f"under {storage.where(self.root)} and has not committed or aborted (from stage())")
+        return name
+
+
+def checkpoint_store(root: str | os.PathLike[str], keep: int = 3, *,
+                     stale_after: float = 600.0) -> CheckpointStore:
+    """The checkpoint store at ``root``: a directory, or an object-store prefix (a URI)."""
+    if storage.local_path(root) is not None:
+        return CheckpointStore(storage.local_path(root), keep, stale_after=stale_after)  # type: ignore[arg-type]
+    return ObjectCheckpointStore(str(root), keep, stale_after=stale_after)
 
 
 # -- helpers (all disk access of the module goes through these and the methods above) --
@@ -422,6 +549,21 @@ def _body_digest(body: Mapping[str, Any]) -> str:
     except (TypeError, ValueError) as e:
         raise ValueError(f"not canonical JSON: {e}") from None
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _check_commit(watermark: Any, meta: Mapping[str, Any] | None) -> tuple[int, dict[str, Any]]:
+    """A commit's watermark as an int and its meta as a reader will see it; ValueError naming the bad one."""
+    if isinstance(watermark, bool):
+        raise ValueError(f"watermark must be an integer >= 0, got {watermark!r}")
+    try:
+        watermark = operator.index(watermark)  # numpy integers too
+    except TypeError:
+        raise ValueError(f"watermark must be an integer >= 0, got {watermark!r}") from None
+    if watermark < 0:
+        raise ValueError(f"watermark must be an integer >= 0, got {watermark}")
+    meta = {} if meta is None else meta
+    _check_json(meta, "meta")
+    return watermark, json.loads(json.dumps(meta, allow_nan=False))  # tuples become lists, as a reader sees them
 
 
 def _check_json(value: Any, where: str) -> None:
@@ -523,12 +665,33 @@ def _hash_file(path: Path, rel: str, *, fsync: bool = False, expect: FileEntry |
         os.close(fd)
 
 
-def _check_files(ckpt: Checkpoint) -> None:
-    """Raise CheckpointError listing every file of ``ckpt`` that is missing or differs."""
+def _hash_object(loc: str | Path, rel: str, expect: FileEntry | None = None) -> FileEntry:
+    """Size and sha256 of an object, streamed; :class:`_FileProblem` naming ``rel``."""
+    fs, path = storage.filesystem(loc)
+    try:
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            raise _FileProblem(f"file {rel} is missing")
+        if expect is not None and info.size != expect.size:
+            raise _FileProblem(f"file {rel} has {info.size} bytes, the manifest says {expect.size}")
+        h = _new_hash()
+        n = 0
+        with fs.open_input_stream(path) as f:
+            while block := f.read(_CHUNK):
+                h.update(block)
+                n += len(block)
+    except OSError as e:
+        raise _FileProblem(f"file {rel} cannot be read: {storage.mask_uri(str(e))}") from None
+    return FileEntry(n, h.hexdigest())
+
+
+def _check_files(ckpt: Checkpoint, hash_one: Callable[..., FileEntry]) -> None:
+    """Raise CheckpointError listing every file of ``ckpt`` that is missing or differs
+    (``hash_one(location, rel, expect=entry)``: :func:`_hash_file` or :func:`_hash_object`)."""
     problems = []
     for rel, want in ckpt.files.items():
         try:
-            got = _hash_file(ckpt.path / rel, rel, expect=want)
+            got = hash_one(storage.join(ckpt.path, *rel.split("/")), rel, expect=want)
         except _FileProblem as e:
             problems.append(str(e))
             continue

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import storage
 from .config import Config, ConfigError, build_learner, check_local_dir, load_config
 from .learner import LearnerConfig
 
@@ -61,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="the events to fill an empty log with (an absolute path: a job runs from a copy of "
                          "the working directory); default $OLREC_DATA or the config's data.path")
     tr.add_argument("--format", choices=["ml100k", "generic", "synthetic"], help="how to read --data")
-    tr.add_argument("--run-dir", type=Path, help="the run's directory (log, checkpoints, ledger; default runs/train)")
+    tr.add_argument("--run-dir", help="the run's directory (log, checkpoints, ledger; default runs/train), "
+                                      "or an object-store URI (s3://bucket/run?endpoint_override=...)")
     tr.add_argument("--workers", type=int, help="Ray Train workers")
     tr.add_argument("--shards", type=int, help="parameter-server shard actors")
     tr.add_argument("--max-events", type=int, help="fill the log with only the first N events")
@@ -75,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                     "cluster, else its latest checkpoint. Starts a local Triton for the int8 ranking model unless "
                     "--triton-url or --scorer in_process. Connects to $RAY_ADDRESS, else starts a local cluster. "
                     "Runs until Ctrl-C.")
-    sv.add_argument("--run-dir", type=Path, required=True, help="the olrec train run to serve")
+    sv.add_argument("--run-dir", required=True, help="the olrec train run to serve (a directory or a URI)")
     sv.add_argument("--port", type=int, default=9000, help="the gRPC port (default 9000)")
     sv.add_argument("--scorer", choices=["triton", "in_process"], default="triton")
     sv.add_argument("--precision", choices=["int8", "fp32"], default="int8", help="of the ranking model in Triton")
@@ -108,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--scorer", choices=["triton", "in_process"], default="triton",
                       help="rank in Triton (int8) or in the replica (default triton)")
     demo.add_argument("--port", type=int, default=9000, help="the gRPC port (default 9000)")
-    demo.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
-                      help="the run's directory, emptied first (default runs/demo)")
+    demo.add_argument("--run-dir", default="runs/demo",
+                      help="the run's directory on this machine, emptied first (default runs/demo)")
     demo.add_argument("--report", type=Path, default=Path("reports/demo/demo.json"),
                       help="the JSON report; the plots go beside it (default reports/demo/demo.json)")
     demo.add_argument("--linger", type=float, default=0.0,
@@ -149,7 +151,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def load_events(cfg: Config, dead_letter: Path):
+def load_events(cfg: Config, dead_letter: Path | str):
     """The configured events as a validated table; malformed rows go to ``dead_letter``."""
     import numpy as np
     import pyarrow as pa
@@ -188,18 +190,20 @@ def load_events(cfg: Config, dead_letter: Path):
     return events, n_bad
 
 
-def _write_dead_letters(bad, path: Path) -> dict[str, int]:
-    """Rewrite ``path`` with this run's rejected rows (empty when none): one JSON
-    object per row, its cells as text, ``row`` (0-based, in file order) and ``reason``.
-    Returns the count per reason."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_dead_letters(bad, path: Path | str) -> dict[str, int]:
+    """Rewrite ``path`` (a local path or an object-store URI) with this run's rejected rows
+    (empty when none): one JSON object per row, its cells as text, ``row`` (0-based, in
+    file order) and ``reason``. Returns the count per reason."""
+    from . import storage
+
     reasons: dict[str, int] = {}
-    with path.open("w", encoding="utf-8") as f:
-        for rec in bad.to_pylist():
-            row = rec.pop(_ROW, None)
-            rec["row"] = None if row is None else int(row)
-            reasons[rec["reason"]] = reasons.get(rec["reason"], 0) + 1
-            f.write(json.dumps(rec) + "\n")
+    lines = []
+    for rec in bad.to_pylist():
+        row = rec.pop(_ROW, None)
+        rec["row"] = None if row is None else int(row)
+        reasons[rec["reason"]] = reasons.get(rec["reason"], 0) + 1
+        lines.append(json.dumps(rec) + "\n")
+    storage.write_bytes(path, "".join(lines).encode())
     return reasons
 
 
@@ -251,17 +255,17 @@ def run_train(cfg: Config) -> dict[str, Any]:
     from .rayenv import init_ray
     from .train import RunPaths, train
 
-    paths = RunPaths(cfg.run_dir.resolve())
+    paths = RunPaths.of(cfg.run_dir)
     log = EventLog(paths.log)
     if log.end_offset == 0 and (cfg.data.path is not None or cfg.data.format == "synthetic"):
-        events, n_bad = load_events(cfg, paths.root / "dead-letter.jsonl")
+        events, n_bad = load_events(cfg, storage.join(paths.root, "dead-letter.jsonl"))
         with log.open_writer() as w:
             for at in range(0, events.num_rows, 65536):
                 w.append(events.slice(at, 65536))
-        print(f"olrec: {events.num_rows} events appended to {paths.log}"
+        print(f"olrec: {events.num_rows} events appended to {storage.where(paths.log)}"
               + (f" ({n_bad} malformed rows dead-lettered)" if n_bad else ""), file=sys.stderr)
     elif log.end_offset == 0 and not cfg.train.continuous:
-        raise UsageError(f"the event log {paths.log} is empty and no data was given: pass --data")
+        raise UsageError(f"the event log {storage.where(paths.log)} is empty and no data was given: pass --data")
     sample = pa.concat_tables(list(log.read(0, min(log.end_offset, 10_000)))) if log.end_offset else None
     spec = cfg.feature_spec(None if sample is None else sample.drop_columns([OFFSET]))
 
@@ -278,7 +282,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     previous = {s: signal.getsignal(s) for s in signals}
 
     def stop(signum, frame) -> None:
-        paths.stop_file.touch()
+        storage.write_bytes(paths.stop_file, b"")
         print("olrec: stopping after a final checkpoint (again to interrupt)", file=sys.stderr)
         for s, h in previous.items():
             signal.signal(s, h)
@@ -306,8 +310,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
     if "error" in result:
         raise result["error"]
     metrics = result["metrics"]
-    out = {**metrics, "run_dir": str(paths.root)}
-    (paths.root / "train.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    out = {**metrics, "run_dir": storage.where(paths.root)}
+    storage.write_bytes(storage.join(paths.root, "train.json"), (json.dumps(out, indent=2, default=str) + "\n").encode())
     print(json.dumps(out, default=str))
     return out
 
@@ -325,11 +329,12 @@ def run_serve(args: argparse.Namespace) -> None:
     from serve.app import SERVICER_FUNCTIONS, application, serve_config
 
     from .rayenv import init_ray
+    from .serving import triton_repo
     from .train import RunPaths
 
-    paths = RunPaths(args.run_dir.resolve())
-    if not paths.model.is_file():
-        raise UsageError(f"{paths.model} not found: serve a run that `olrec train` has started (--run-dir)")
+    paths = RunPaths.of(args.run_dir)
+    if not storage.is_file(paths.model):
+        raise UsageError(f"{storage.where(paths.model)} not found: serve a run that `olrec train` has started (--run-dir)")
     if args.replicas < 1 or not args.replica_cpus > 0:
         raise UsageError(f"--replicas must be >= 1 and --replica-cpus > 0, got {args.replicas}, {args.replica_cpus}")
     opts = {"run_dir": str(paths.root), "scorer": args.scorer, "precision": args.precision}
@@ -337,8 +342,9 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.scorer == "triton" and not args.triton_url:
         from .triton import RAY_WORKER_NICENESS, TritonServer
 
-        (paths.root / "triton" / "local").mkdir(parents=True, exist_ok=True)
-        triton = TritonServer(paths.root / "triton" / "local", models=(), niceness=RAY_WORKER_NICENESS).start()  # the app publishes the model
+        repo = triton_repo(paths.root) / "local"
+        repo.mkdir(parents=True, exist_ok=True)
+        triton = TritonServer(repo, models=(), niceness=RAY_WORKER_NICENESS).start()  # the app publishes the model
         print(f"olrec: Triton on {triton.url} (log {triton.log_path})", file=sys.stderr)
     if args.triton_url or triton:
         opts["triton_url"] = args.triton_url or triton.url
@@ -352,7 +358,7 @@ def run_serve(args: argparse.Namespace) -> None:
         serve.run(application(cfg, num_replicas=args.replicas, ray_actor_options={"num_cpus": args.replica_cpus}),
                   name="olrec", route_prefix="/olrec")
         if not stop.is_set():
-            print(f"olrec: serving {paths.root} on gRPC port {args.port} (Ctrl-C to stop)", file=sys.stderr)
+            print(f"olrec: serving {storage.where(paths.root)} on gRPC port {args.port} (Ctrl-C to stop)", file=sys.stderr)
         while not stop.wait(0.5):
             pass
     finally:
@@ -366,16 +372,15 @@ def run_serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if getattr(args, "run_dir", None) is not None:
-            check_local_dir(args.run_dir)
         if args.command == "demo":
+            check_local_dir(args.run_dir)
             from .demo import DemoConfig, run_demo
 
             data = args.data or Path(os.environ.get("OLREC_DATA", DEFAULT_DATA))
             if not data.is_dir():
                 raise UsageError(f"MovieLens-100K not found at {data.resolve()}; pass --data /path/to/ml-100k")
             run_demo(DemoConfig(
-                data=data, run_dir=args.run_dir, report=args.report, rate=args.rate, max_events=args.max_events,
+                data=data, run_dir=Path(args.run_dir), report=args.report, rate=args.rate, max_events=args.max_events,
                 duration_s=args.duration, request_rate=args.request_rate, feedback=args.feedback,
                 malformed=args.malformed, workers=args.workers, shards=args.shards, replicas=args.replicas,
                 port=args.port, scorer=args.scorer, linger_s=args.linger, quiet=args.quiet))

@@ -31,13 +31,13 @@ from typing import Any, Literal, Mapping
 
 import pyarrow as pa
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from typing_extensions import Annotated
 
 from .embedding import Optimizer
 from .features import FeatureSpec, ml100k_spec
 from .learner import LearnerConfig, OnlineLearner
-from .log import is_uri
+from .storage import is_uri, mask_uri
 from .model import Arch
 from .sources import SyntheticConfig
 from .train import TrainConfig
@@ -168,22 +168,18 @@ NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 def check_local_dir(path: str | Path) -> str:
-    """``path`` as given, or a ValueError if it is a URI: run directories are POSIX paths for now."""
+    """``path`` as given, or a ValueError if it is a URI: ``olrec demo`` runs everything on
+    this machine, its Triton from the run directory, so its run is on a local disk."""
     text = str(path)
     if is_uri(text):
-        raise ValueError(f"{text!r}: a run directory on an object store (a URI) is not supported yet; "
-                         "give a POSIX path every process sees (a local disk, NFS, EFS, a ReadWriteMany "
-                         "volume): see cluster/README.md, Shared storage")
+        raise ValueError(f"--run-dir {mask_uri(text)!r}: olrec demo keeps its run on this machine's disk; "
+                         "`olrec train` and `olrec serve` take an object-store URI (see cluster/README.md, "
+                         "Shared storage)")
     return text
 
 
 class TrainSchema(_Section):
-    run_dir: Name = "runs/train"
-
-    @field_validator("run_dir")
-    @classmethod
-    def _local(cls, v: str) -> str:
-        return check_local_dir(v)
+    run_dir: Name = "runs/train"  # a local path or an object-store URI (olrec.storage)
 
     workers: PosInt = _default(TrainConfig, "workers")
     shards: PosInt = _default(TrainConfig, "shards")
@@ -257,7 +253,7 @@ class Config:
     learner: LearnerConfig
     report: ReportConfig
     train: TrainConfig
-    run_dir: Path
+    run_dir: Path | str  # a local path, or an object-store URI
     schema: ConfigSchema  # the validated input, as given
 
     def feature_spec(self, events: pa.Table | None = None) -> FeatureSpec:
@@ -373,7 +369,8 @@ def _from_schema(s: ConfigSchema) -> Config:
     r = s.report
     report = ReportConfig(dir=Path(r.dir) if r.dir else None, name=r.name, window=r.window, frozen_at=r.frozen_at)
     t = s.train.model_dump()
-    run_dir = Path(t.pop("run_dir"))
+    run_dir = t.pop("run_dir")
+    run_dir = run_dir if is_uri(run_dir) else Path(run_dir)
     train = _build("train", lambda: TrainConfig(**t))
     return Config(data, features, MappingProxyType(overrides), learner, report, train, run_dir, s)
 

@@ -374,7 +374,7 @@ class FrozenShadow:
         spec, cfg, _ = read_model(run_dir)
         self.learner = learner_from_checkpoint(checkpoint, spec, cfg)
         self.spec, self.scored_to = spec, start
-        self.log = EventLog(RunPaths(Path(run_dir)).log, create=False)
+        self.log = EventLog(RunPaths.of(run_dir).log, create=False)
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -532,7 +532,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from .log import EventLog
     from .sources import read_ml100k
     from .telemetry import FreshnessMetrics
-    from .train import RunPaths, TrainConfig, train
+    from .train import RunPaths, TrainConfig, latest_published, train
 
     if not cfg.data.is_dir():
         raise FileNotFoundError(f"MovieLens-100K not found at {cfg.data.resolve()}; pass --data /path/to/ml-100k")
@@ -544,7 +544,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _check_port(cfg.port)
     conf = load_config(None, {"data": {"path": str(cfg.data.resolve()), "format": "ml100k"}})
     spec = conf.feature_spec(events)
-    paths = RunPaths(cfg.run_dir.resolve())
+    paths = RunPaths.of(cfg.run_dir)
     _fresh_run_dir(paths.root)
     EventLog(paths.log).close()  # the trainer and the catalog read it before the first append
     demo = Demo(cfg)
@@ -595,7 +595,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         shadow = ray.remote(num_cpus=0.25, max_concurrency=4)(FrozenShadow).remote()
         trainer = threading.Thread(target=run_trainer, name="olrec-train", daemon=True)
         trainer.start()
-        if not demo.wait(lambda: paths.published.is_file() or "train_error" in result, 180, "the trainers"):
+        if not demo.wait(lambda: latest_published(paths) is not None or "train_error" in result, 180, "the trainers"):
             raise RuntimeError("the trainers did not start within 180 s")
         if "train_error" in result:
             raise result["train_error"]

@@ -42,7 +42,6 @@ import re
 import socket
 import threading
 import time
-import urllib.parse
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -55,6 +54,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from .schema import validate
+from .storage import filesystem, fsync_dir, is_uri, local_path, mask_uri  # noqa: F401 (is_uri, mask_uri: olrec.log's API)
 
 OFFSET = "offset"
 DEAD_LETTER = "dead-letter.jsonl"
@@ -342,27 +342,9 @@ class EventLog:
 # -- where a log lives: a POSIX directory or a prefix in an object store ------------------------
 
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
-
-
-def is_uri(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` names a filesystem by URI (``s3://...``, ``gs://...``) rather than a local path.
-    ``Path()`` folds ``s3://b`` to ``s3:/b``: look for the scheme either way."""
-    return _SCHEME.match(str(path)) is not None
-
-
-def mask_uri(text: str) -> str:
-    """``text`` with the credentials of a URI in it (``s3://key:secret@bucket/...``) masked, for messages."""
-    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*:/+)[^?#\s'\"]*@", r"\1***@", str(text))
-
-
 def _open_dir(path: str | os.PathLike[str], create: bool) -> _LocalDir | _ObjectDir:
-    m = _SCHEME.match(str(path))
-    if m is None:
-        return _LocalDir(Path(path), create)
-    if m[1].lower() == "file":  # a local directory: rename, fsync and flock work there
-        return _LocalDir(Path(urllib.parse.urlparse(str(path)).path), create)
-    return _ObjectDir(str(path), create)
+    local = local_path(path)  # file:// too: a local directory, where rename, fsync and flock work
+    return _LocalDir(local, create) if local is not None else _ObjectDir(str(path), create)
 
 
 def log_exists(path: str | os.PathLike[str]) -> bool:
@@ -496,11 +478,9 @@ class _ObjectDir:
     def __init__(self, uri: str, create: bool) -> None:
         self.path = uri  # the URI, as given
         try:
-            self.fs, self.base = pafs.FileSystem.from_uri(uri)
-        except (pa.ArrowInvalid, ValueError) as e:
-            raise ValueError(f"event log {self.where!r}: not a filesystem URI pyarrow can open "
-                             f"({mask_uri(str(e))})") from None
-        self.base = self.base.rstrip("/")
+            self.fs, self.base = filesystem(uri)
+        except ValueError as e:
+            raise ValueError(f"event log {e}") from None
         if self.fs.get_file_info(self.base).type == pafs.FileType.NotFound:
             if not create:
                 raise FileNotFoundError(f"event log {self.where} does not exist")
@@ -603,15 +583,6 @@ class _ObjectDir:
             with self.fs.open_input_stream(f"{self.base}/{DEAD_LETTER_DIR}/{name}") as f:
                 out += [json.loads(line) for line in f.read().decode().splitlines() if line]
         return out
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a new file, a rename) survive a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _count_lines(path: Path) -> int:

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from collections import deque
 from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
+from . import storage
 from .embedding import EmbeddingTable, TableConfig
 from .ids import unique_small
 
@@ -254,26 +253,14 @@ class LocalShard:
         return self._table(table).deltas(since_version)
 
     def snapshot(self, path: str) -> None:
-        """Write every table to ``path`` atomically (temp file, fsync, rename)."""
+        """Write every table to ``path`` (a local path or an object-store URI), whole or not at all."""
         state = {name: t.state_dict() for name, t in self.tables.items()}
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        storage.write_bytes(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
     def restore(self, path: str) -> None:
-        with open(path, "rb") as f:
-            state = pickle.load(f)
+        state = pickle.loads(storage.read_bytes(path))
         if set(state) != set(self.tables):
-            raise ValueError(f"snapshot {path} holds tables {sorted(state)}, this shard serves {sorted(self.tables)}")
+            raise ValueError(f"snapshot {storage.where(path)} holds tables {sorted(state)}, this shard serves {sorted(self.tables)}")
         self.tables = {name: EmbeddingTable.from_state_dict(s) for name, s in state.items()}
 
     def stats(self) -> dict[str, Any]:
@@ -462,12 +449,12 @@ class ShardedTables:
                     [g[i][2] for i in range(n)]) for t, g in got.items()}
 
     def snapshot(self, directory: str) -> list[str]:
-        paths = [str(Path(directory) / f"shard-{i:04d}.pkl") for i in range(len(self.shards))]
+        paths = [str(storage.join(directory, f"shard-{i:04d}.pkl")) for i in range(len(self.shards))]
         self._call("snapshot", {i: (p,) for i, p in enumerate(paths)})
         return paths
 
     def restore(self, directory: str) -> None:
-        self._call("restore", {i: (str(Path(directory) / f"shard-{i:04d}.pkl"),) for i in range(len(self.shards))})
+        self._call("restore", {i: (str(storage.join(directory, f"shard-{i:04d}.pkl")),) for i in range(len(self.shards))})
 
     def stats(self) -> list[dict[str, Any]]:
         got = self._call("stats", {i: () for i in range(len(self.shards))})

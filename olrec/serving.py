@@ -6,7 +6,7 @@ since counts above 2048 do not survive fp16) and the dense parts of the model
 (:class:`Snapshot`). :class:`ServingModel` refreshes both from the run:
 
 - live, while ``olrec train`` runs: rows from the parameter-server shards with
-  ``deltas(since_version)``, dense weights from ``published.pt``. The
+  ``deltas(since_version)``, dense weights from the run's ``published/``. The
   published watermark W is read *before* the rows are pulled, and training
   publishes W only once every push below it is applied, so the rows served
   hold every event below W (they may hold more);
@@ -21,7 +21,10 @@ off the request path; its result is applied between requests.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,7 @@ from .learner import OnlineLearner
 from .log import EventLog
 from .ps import Fetch, Pulled, ShardedTables
 from .schema import MULTI_SEP, RESERVED
+from .storage import local_path, resolve, where
 
 RowDtype = Literal["fp32", "fp16", "int8"]
 
@@ -65,6 +69,9 @@ class ServeConfig:
     exclude_clicked: bool = True
     #: The Kubernetes model repository's instance group: KIND_GPU for a Triton with GPUs (k8s/overlays/gpu).
     triton_gpu: bool = False
+    #: Where the Triton model repositories are written (default: :func:`triton_repo`); a
+    #: Kubernetes Triton reads ``<it>/k8s`` from a volume, also for a run in an object store.
+    triton_repo: str | None = None
     feedback_token: str | None = None  # Feedback needs "authorization: Bearer <token>" when set
 
     def __post_init__(self) -> None:
@@ -381,12 +388,12 @@ class Update:
     rows: dict[str, tuple[np.ndarray, np.ndarray]]
     versions: dict[str, list[int]]
     full: bool
-    dense: dict | None  # new dense weights (published.pt or a checkpoint's dense.pt)
+    dense: dict | None  # new dense weights (a published version or a checkpoint's dense.pt)
     watermark: int
     source: str
     events: pa.Table | None = None
     mirrors: dict[str, RowMirror] | None = None  # a full reload's rows, built off the request path
-    published_mtime: float | None = None  # of the published.pt that ``dense`` came from
+    published: str | None = None  # the published version ``dense`` came from
 
 
 TABLES = ("sparse", "counters", "wide")
@@ -401,14 +408,14 @@ class ServingModel:
         from .train import RunPaths, read_model
 
         self.cfg = cfg
-        self.paths = RunPaths(Path(cfg.run_dir).resolve())
+        self.paths = RunPaths.of(cfg.run_dir)
         self.spec, self.lcfg, self.n_shards = read_model(self.paths.root)
         self.tables = [t for t in TABLES if t != "wide" or self.lcfg.wide]
         self.mirrors = self._new_mirrors()
         self.store = MirrorStore(self.mirrors)
         self.catalog = Catalog(self.paths.log, self.spec)
         self.snapshot: Snapshot | None = None
-        self._published_mtime = 0.0
+        self._published: str | None = None  # the published version the snapshot holds
         self._versions: dict[str, list[int]] = {}
         self._force_full = False  # a shard went back in version: pull everything again
         self._shards: list | None = None  # the live trainer's shard actors, once found
@@ -429,17 +436,20 @@ class ServingModel:
         "none" while there is no model: no trainer ran, no checkpoint)."""
         from ray.exceptions import RayActorError
 
+        from .train import latest_published
+
         events = self.catalog.read_new()
         up = None
         shards = self._live_shards()
-        if shards is not None and self.paths.published.is_file():
+        published = latest_published(self.paths) if shards is not None else None
+        if shards is not None and published is not None:
             try:
-                up = self._read_live(shards)
+                up = self._read_live(shards, published)
             except RayActorError:  # the trainer stopped or restarted: look its shards up again
                 self._shards = None
                 shards = self._live_shards()
                 if shards is not None:
-                    up = self._read_live(shards)
+                    up = self._read_live(shards, published)
         if up is None:
             up = self._read_checkpoint()
         up.events = events
@@ -464,15 +474,20 @@ class ServingModel:
             return None
         return self._shards
 
-    def _read_live(self, shards: list) -> Update:
+    def _read_live(self, shards: list, published: str) -> Update:
+        from .train import latest_published, read_published
+
         source = "live:" + ",".join(s._actor_id.hex()[:8] for s in shards)
         full = self.snapshot is None or self.snapshot.source != source or self._force_full
         self._force_full = False
-        mtime = self.paths.published.stat().st_mtime
         # Dense weights and W first, rows after: the rows then hold every event below W.
         dense = None
-        if full or mtime != self._published_mtime:
-            dense = torch.load(self.paths.published, weights_only=False, map_location="cpu")
+        if full or published != self._published:
+            try:
+                dense = read_published(self.paths, published)
+            except FileNotFoundError:  # newer versions pruned it since the listing: take the newest
+                published = latest_published(self.paths) or published
+                dense = read_published(self.paths, published)
         watermark = dense["watermark"] if dense is not None else self.snapshot.watermark  # type: ignore[union-attr]
         since = {t: [-1] * len(shards) if full else self._versions[t] for t in self.tables}
         got = ShardedTables(shards).deltas_many(since)
@@ -481,24 +496,24 @@ class ServingModel:
             keys, weights, vs = got[t]
             if not full and any(v < s for v, s in zip(vs, since[t])):  # a shard was reset or restored
                 self._force_full = True
-                return self._read_live(shards)
+                return self._read_live(shards, published)
             rows[t], versions[t] = (keys, weights), vs
         up = self._update(rows, versions, full, dense, watermark, source)
-        up.published_mtime = mtime if dense is not None else None
+        up.published = published if dense is not None else None
         return up
 
     def _read_checkpoint(self) -> Update:
-        from .checkpoint import CheckpointStore
+        from .checkpoint import checkpoint_store
         from .train import learner_from_checkpoint
 
-        store = CheckpointStore(self.paths.checkpoints)
+        store = checkpoint_store(self.paths.checkpoints)
         newest = store.list(on_refused=lambda e: None)  # manifests only: cheap enough for every refresh
-        if self.snapshot is not None and newest and self.snapshot.source == f"checkpoint:{newest[-1].path}":
+        if self.snapshot is not None and newest and self.snapshot.source == f"checkpoint:{where(newest[-1].path)}":
             return Update({}, {}, False, None, self.snapshot.watermark, self.snapshot.source)
         latest = store.latest(on_refused=lambda e: None)  # reads every byte: only when it changed
         if latest is None:
             return Update({}, {}, False, None, -1, "none")
-        source = f"checkpoint:{latest.path}"
+        source = f"checkpoint:{where(latest.path)}"
         if self.snapshot is not None and self.snapshot.source == source:
             return Update({}, {}, False, None, self.snapshot.watermark, source)
         learner = learner_from_checkpoint(latest.path, self.spec, self.lcfg)
@@ -534,8 +549,8 @@ class ServingModel:
                 self.mirrors[t].update(keys, weights)
         if up.versions:
             self._versions = up.versions
-        if up.published_mtime is not None:
-            self._published_mtime = up.published_mtime
+        if up.published is not None:
+            self._published = up.published
         if up.dense is not None:  # new dense weights (always, with new mirrors): a new snapshot learner
             learner = OnlineLearner(self.spec, self.lcfg, store=self.store)
             _load_dense(learner, up.dense)
@@ -554,7 +569,7 @@ class ServingModel:
         now, so a refresh while the tower runs cannot mix versions into them."""
         snap = self.snapshot
         if snap is None:
-            raise RequestError("UNAVAILABLE", f"no model yet: no trainer has published to {self.paths.root} "
+            raise RequestError("UNAVAILABLE", f"no model yet: no trainer has published to {where(self.paths.root)} "
                                               f"and it holds no checkpoint")
         batch = self.catalog.batch(user, items, context)
         emb, num, p_wide = snap.learner.ranking_inputs(batch)
@@ -685,10 +700,21 @@ def check_token(metadata: Sequence[tuple[str, Any]], token: str | None) -> None:
 # ---------------------------------------------------------------------------
 # Dense versions to Triton.
 
+def triton_repo(run_dir: str | Path) -> Path:
+    """Where a run's Triton model repositories go: ``run_dir/triton`` on a local disk;
+    for a run in an object store, a directory of this machine's temp dir (the local
+    Triton reads a local directory; a Kubernetes Triton gets its repository from
+    a volume or object storage, see ``k8s/``)."""
+    local = local_path(resolve(run_dir))
+    if local is not None:
+        return local / "triton"
+    return Path(tempfile.gettempdir()) / f"olrec-triton-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:10]}"
+
+
 class DenseWatcher:
-    """Publishes each new dense tower of the run (``published.pt`` or the newest
-    checkpoint, whichever has learned more) to the Triton model repositories
-    under ``run_dir/triton``, version number = the events it had learned, and
+    """Publishes each new dense tower of the run (the newest published version
+    or checkpoint, whichever has learned more) to the Triton model repositories
+    under :func:`triton_repo`, version number = the events it had learned, and
     has Triton load it. Triton keeps answering from the previous version until
     the new one is loaded, so in-flight requests do not fail."""
 
@@ -696,27 +722,28 @@ class DenseWatcher:
         from .train import RunPaths, read_model
 
         self.cfg = cfg
-        self.paths = RunPaths(Path(cfg.run_dir).resolve())
+        self.paths = RunPaths.of(cfg.run_dir)
         self.spec, self.lcfg, _ = read_model(self.paths.root)
-        self.root = self.paths.root / "triton"
+        self.root = Path(cfg.triton_repo) if cfg.triton_repo else triton_repo(self.paths.root)
         self.published: int | None = None  # the version Triton last loaded
         self._newest: tuple[tuple, dict | None] = ((), None)  # (what it was read from, the state)
 
     def newest(self) -> dict | None:
         """The newest dense state of the run (``events``, ``model``, ``calibration``);
-        read again only when ``published.pt`` or the newest checkpoint changed."""
-        from .checkpoint import CheckpointStore
+        read again only when the newest published version or checkpoint changed."""
+        from .checkpoint import checkpoint_store
+        from .train import latest_published, read_published
 
-        pub = self.paths.published
-        ckpts = CheckpointStore(self.paths.checkpoints).list(on_refused=lambda e: None)
-        key = (pub.stat().st_mtime if pub.is_file() else None, ckpts[-1].path if ckpts else None)
+        pub = latest_published(self.paths)
+        ckpts = checkpoint_store(self.paths.checkpoints).list(on_refused=lambda e: None)
+        key = (pub, ckpts[-1].path if ckpts else None)
         if key == self._newest[0]:
             return self._newest[1]
         best = None
-        if key[0] is not None:
-            best = torch.load(pub, weights_only=False, map_location="cpu")
+        if pub is not None:
+            best = read_published(self.paths, pub)
         if ckpts and (best is None or int(ckpts[-1].meta.get("events", 0)) > int(best["events"])):
-            best = torch.load(ckpts[-1].file("dense.pt"), weights_only=False, map_location="cpu")
+            best = torch.load(io.BytesIO(ckpts[-1].read("dense.pt")), weights_only=False, map_location="cpu")
         self._newest = (key, best)
         return best
 
@@ -750,14 +777,14 @@ class DenseWatcher:
     def _calibration(self) -> tuple[np.ndarray, np.ndarray]:
         """Inputs of the tower for the log's last 1,024 events, scored by the newest
         checkpoint (for dense weights saved without their recent inputs)."""
-        from .checkpoint import CheckpointStore
+        from .checkpoint import checkpoint_store
         from .features import encode
         from .train import learner_from_checkpoint
 
-        latest = CheckpointStore(self.paths.checkpoints).latest(on_refused=lambda e: None)
+        latest = checkpoint_store(self.paths.checkpoints).latest(on_refused=lambda e: None)
         log = EventLog(self.paths.log, create=False)
         if latest is None or log.end_offset == 0:
-            raise RuntimeError(f"no calibration inputs for int8: {self.paths.root} has no checkpoint or no events")
+            raise RuntimeError(f"no calibration inputs for int8: {where(self.paths.root)} has no checkpoint or no events")
         learner = learner_from_checkpoint(latest.path, self.spec, self.lcfg)
         end = log.end_offset
         events = pa.concat_tables(list(log.read(max(0, end - 1024), end)), promote_options="permissive")

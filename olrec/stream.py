@@ -38,7 +38,6 @@ import numbers
 import os
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
@@ -47,7 +46,9 @@ import ray.train
 from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 
-from .log import EventLog, log_exists, mask_uri
+from .log import EventLog, log_exists
+from . import storage
+from .storage import mask_uri
 
 # Every non-empty chunk exceeds one byte, so the read operator passes each one
 # on as soon as it is yielded; a chunk is one packed row, so it is never cut.
@@ -89,10 +90,10 @@ class LogDatasource(ray.data.Datasource):
             raise ValueError(f"poll_interval must be a positive number of seconds, got {poll_interval!r}")
         if isinstance(block_rows, bool) or not isinstance(block_rows, numbers.Integral) or block_rows < 1:
             raise ValueError(f"block_rows must be an integer >= 1, got {block_rows!r}")
-        if stop_file is not None and Path(stop_file).exists():
+        if stop_file is not None and storage.exists(stop_file):
             # The stream would end before its first event: almost surely a stop
             # file left over from an earlier run.
-            raise ValueError(f"stop_file {str(stop_file)!r} already exists; remove it before starting the stream")
+            raise ValueError(f"stop_file {storage.where(stop_file)!r} already exists; remove it before starting the stream")
         if columns is not None:
             if isinstance(columns, (str, bytes)) or not all(isinstance(c, str) for c in columns):
                 raise ValueError(f"columns must be a sequence of column names, got {columns!r}")
@@ -199,15 +200,24 @@ def _read_chunks(log_path: str, start: int | Callable[[], int], end: int | None,
     """Runs in the read task: yields packed chunks until ``end`` or the stop file."""
     pos = _check_start(start() if callable(start) else start, end)
     log = EventLog(log_path, create=False)
-    stop = Path(stop_file) if stop_file is not None else None
+    looked = -math.inf
+
+    def stopped() -> bool:  # at most one look per poll: in an object store, a look is a request
+        nonlocal looked
+        if stop_file is None or time.monotonic() - looked < poll_interval:
+            return False
+        looked = time.monotonic()
+        return storage.exists(stop_file)
+
     while end is None or pos < end:
-        if stop is not None and stop.exists():
+        looked = -math.inf
+        if stopped():
             return
         before = pos
         for chunk in _rechunk(log.read_available(pos, end, columns=columns), block_rows):
             yield _pack(chunk)
             pos += chunk.num_rows
-            if stop is not None and stop.exists():
+            if stopped():
                 return
         if pos == before:
             time.sleep(poll_interval)

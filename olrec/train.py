@@ -27,9 +27,11 @@ applied offsets every worker appends to).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from . import storage
 from .features import FeatureSpec, encode
 from .learner import LearnerConfig, OnlineLearner
 from .log import OFFSET
@@ -98,63 +101,110 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where a run keeps its state: one directory, on storage every process sees."""
+    """Where a run keeps its state: one directory on storage every process
+    sees, or a prefix in an object store (see :mod:`olrec.storage`)."""
 
-    root: Path
+    root: Path | str
 
-    @property
-    def log(self) -> Path:
-        return self.root / "log"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+    @classmethod
+    def of(cls, run_dir: str | os.PathLike[str]) -> RunPaths:
+        """The run at ``run_dir``, spelled the same in every process (an absolute path, or the URI)."""
+        return cls(storage.resolve(run_dir))
 
     @property
-    def ledger(self) -> Path:
-        return self.root / "ledger"
+    def log(self) -> Path | str:
+        return storage.join(self.root, "log")
 
     @property
-    def published(self) -> Path:
-        """The latest dense weights with their watermark, for serving."""
-        return self.root / "published.pt"
+    def checkpoints(self) -> Path | str:
+        return storage.join(self.root, "checkpoints")
 
     @property
-    def model(self) -> Path:
+    def ledger(self) -> Path | str:
+        return storage.join(self.root, "ledger")
+
+    @property
+    def published(self) -> Path | str:
+        """The dense weights with their watermark, for serving: ``<version:012d>.pt`` files, newest last."""
+        return storage.join(self.root, "published")
+
+    @property
+    def model(self) -> Path | str:
         """What the run's model is (feature spec, learner config, shard count), for serving."""
-        return self.root / "model.json"
+        return storage.join(self.root, "model.json")
 
     @property
-    def metrics(self) -> Path:
+    def metrics(self) -> Path | str:
         """The latest training metrics (rank 0 rewrites it at every report)."""
-        return self.root / "metrics.json"
+        return storage.join(self.root, "metrics.json")
 
     @property
-    def checkpoint_request(self) -> Path:
-        """Created to ask for a checkpoint at the next round; rank 0 removes it
-        once that checkpoint is committed (``olrec demo`` snapshots its frozen
-        baseline this way)."""
-        return self.root / "CHECKPOINT"
+    def checkpoint_request(self) -> Path | str:
+        """Created to ask for a checkpoint soon; rank 0 removes it once that
+        checkpoint is committed (``olrec demo`` snapshots its frozen baseline this way)."""
+        return storage.join(self.root, "CHECKPOINT")
 
     @property
-    def stop_file(self) -> Path:
+    def stop_file(self) -> Path | str:
         """Created to end a continuous run (the driver does on SIGINT/SIGTERM)."""
-        return self.root / "STOP"
+        return storage.join(self.root, "STOP")
 
 
 def write_model(paths: RunPaths, spec: FeatureSpec, learner: LearnerConfig, shards: int) -> None:
-    paths.root.mkdir(parents=True, exist_ok=True)
     _write_json(paths.model, {"spec": asdict(spec), "learner": asdict(learner), "shards": shards})
 
 
-def read_model(run_dir: str | Path) -> tuple[FeatureSpec, LearnerConfig, int]:
+def read_model(run_dir: str | os.PathLike[str]) -> tuple[FeatureSpec, LearnerConfig, int]:
     """The feature spec, learner config and shard count a run trains with."""
-    path = RunPaths(Path(run_dir)).model
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: no olrec train run has started in {run_dir}")
-    m = json.loads(path.read_text())
+    path = RunPaths.of(run_dir).model
+    try:
+        m = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{storage.where(path)} not found: no olrec train run has started in "
+                                f"{storage.where(run_dir)}") from None
     learner = {**m["learner"], "hidden": tuple(m["learner"]["hidden"])}
     return FeatureSpec(**m["spec"]), LearnerConfig(**learner), int(m["shards"])
+
+
+# ---------------------------------------------------------------------------
+# Dense weights published for serving.
+
+_PUBLISHED_RE = re.compile(r"^(\d{12})\.pt$")
+KEEP_PUBLISHED = 3  # a reader that listed a version has a few publishes' time to read it
+
+
+def published_versions(paths: RunPaths) -> list[str]:
+    """The names of the published dense weights, oldest first."""
+    return sorted(n for n in storage.listdir(paths.published) if _PUBLISHED_RE.match(n))
+
+
+def latest_published(paths: RunPaths) -> str | None:
+    """The newest published version's name (one listing: cheap enough for every refresh), or ``None``."""
+    names = published_versions(paths)
+    return names[-1] if names else None
+
+
+def read_published(paths: RunPaths, name: str) -> dict[str, Any]:
+    """The dense state of version ``name``; FileNotFoundError if newer ones have pruned it."""
+    return torch.load(io.BytesIO(storage.read_bytes(storage.join(paths.published, name))),
+                      weights_only=False, map_location="cpu")
+
+
+def publish_dense(paths: RunPaths, learner: OnlineLearner, watermark: int) -> str:
+    """The dense weights that match ``watermark``, for serving, as the next version. A new
+    file each time (an object store has no rename): the name is one more than the newest,
+    so versions order by name whichever node's clock wrote them. One publisher at a time."""
+    buf = io.BytesIO()
+    torch.save({"watermark": int(watermark), "events": int(learner.events),
+                "model": learner.model.state_dict(), "blend": learner.blend.state_dict(),
+                "wide_dense": None if learner.wide is None else learner.wide.dense.copy(),
+                "total": learner.counters.total.copy(), "calibration": learner.calibration()}, buf)
+    names = published_versions(paths)
+    name = f"{int(names[-1][:12]) + 1 if names else 1:012d}.pt"
+    storage.write_bytes(storage.join(paths.published, name), buf.getvalue())
+    for old in names[: max(0, len(names) + 1 - KEEP_PUBLISHED)]:
+        storage.remove(storage.join(paths.published, old))
+    return name
 
 
 # ---------------------------------------------------------------------------
@@ -186,26 +236,97 @@ class Applied:
         return self.watermark - self.start + sum(hi - lo for lo, hi in self._above)
 
     def add(self, spans: list[tuple[int, int]]) -> None:
-        merged = sorted(self._above + [s for s in spans if s[1] > self.watermark])
-        out: list[tuple[int, int]] = []
-        for lo, hi in merged:
-            if out and lo <= out[-1][1]:
-                out[-1] = (out[-1][0], max(out[-1][1], hi))
-            else:
-                out.append((lo, hi))
+        out = _merge(self._above + [s for s in spans if s[1] > self.watermark])
         while out and out[0][0] <= self.watermark:
             self.watermark = max(self.watermark, out.pop(0)[1])
         self._above = out
 
 
-def read_ledger(directory: Path) -> list[tuple[int, int]]:
-    """Every applied interval any worker recorded (int64 pairs per file)."""
-    spans: list[tuple[int, int]] = []
-    for p in sorted(Path(directory).glob("*.bin")):
-        a = np.fromfile(p, np.int64)
-        a = a[: a.size // 2 * 2].reshape(-1, 2)  # a torn last record is dropped
-        spans += [(int(lo), int(hi)) for lo, hi in a]
-    return spans
+_LEDGER_RE = re.compile(r"^(.+)-([pc])(\d{8})\.bin$")
+
+
+class Ledger:
+    """The offset intervals one worker applied, for counting events applied
+    twice after a restore. Whole files only, so a ledger lives in an object
+    store too: :meth:`flush` writes what is new as part ``<writer>-p<n>.bin``;
+    :meth:`compact` writes everything so far as ``<writer>-c<n>.bin`` (it
+    replaces parts below ``n``) and deletes them, so a long run keeps a few
+    files per worker. int64 (lo, hi) pairs."""
+
+    def __init__(self, directory: Path | str, writer: str) -> None:
+        self.directory, self.writer = directory, writer
+        self._parts = self._compacted = 0
+        self._new: list[tuple[int, int]] = []
+        self._all: list[tuple[int, int]] = []
+
+    def add(self, spans: list[tuple[int, int]]) -> None:
+        self._new.extend(spans)
+
+    def flush(self) -> None:
+        if self._new:
+            self._write(f"p{self._parts:08d}", self._new)
+            self._parts += 1
+            self._all = _merge(self._all + self._new)
+            self._new = []
+
+    def compact(self) -> None:
+        self.flush()
+        if self._parts == self._compacted:
+            return
+        self._write(f"c{self._parts:08d}", self._all)
+        self._compacted = self._parts
+        for name in storage.listdir(self.directory):
+            m = _LEDGER_RE.match(name)
+            if m and m[1] == self.writer and int(m[3]) < self._parts:
+                storage.remove(storage.join(self.directory, name))
+
+    def _write(self, suffix: str, spans: list[tuple[int, int]]) -> None:
+        storage.write_bytes(storage.join(self.directory, f"{self.writer}-{suffix}.bin"),
+                            np.asarray(spans, np.int64).reshape(-1, 2).tobytes())
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping or touching intervals joined, in order."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def read_ledger(directory: Path | str) -> list[tuple[int, int]]:
+    """Every applied interval any worker recorded."""
+    return [span for spans in ledger_writers(directory).values() for span in spans]
+
+
+def ledger_writers(directory: Path | str) -> dict[str, list[tuple[int, int]]]:
+    """Each writer's (``rank<r>-<pid>-<ns>``) applied intervals: its newest
+    compaction and the parts written after it."""
+    for _ in range(9):
+        try:
+            return _read_ledger(directory)
+        except FileNotFoundError:  # a writer compacted while we read: list again
+            continue
+    return _read_ledger(directory)
+
+
+def _read_ledger(directory: Path | str) -> dict[str, list[tuple[int, int]]]:
+    files: dict[str, dict[str, list[int]]] = {}
+    for name in storage.listdir(directory):
+        m = _LEDGER_RE.match(name)
+        if m:
+            files.setdefault(m[1], {"p": [], "c": []})[m[2]].append(int(m[3]))
+    out: dict[str, list[tuple[int, int]]] = {}
+    for writer, got in sorted(files.items()):
+        upto = max(got["c"], default=0)
+        names = ([f"c{upto:08d}"] if got["c"] else []) + [f"p{n:08d}" for n in sorted(got["p"]) if n >= upto]
+        spans = out[writer] = []
+        for suffix in names:
+            a = np.frombuffer(storage.read_bytes(storage.join(directory, f"{writer}-{suffix}.bin")), np.int64)
+            spans += [(int(lo), int(hi)) for lo, hi in a.reshape(-1, 2)]
+    return out
 
 
 def count_from(spans: list[tuple[int, int]], start: int) -> int:
@@ -415,7 +536,7 @@ def _worker(config: dict) -> None:
     """The train function each Ray Train worker runs."""
     import ray.train
 
-    from .checkpoint import CheckpointStore
+    from .checkpoint import checkpoint_store
     from .log import EventLog
     from .ps import ShardedTables
     from .stream import iter_events
@@ -425,7 +546,7 @@ def _worker(config: dict) -> None:
     tc = job.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    paths = RunPaths(Path(job.run_dir))
+    paths = RunPaths(job.run_dir)
     device = torch.device("cpu")
     if tc.use_gpu:
         import ray.train.torch
@@ -434,7 +555,7 @@ def _worker(config: dict) -> None:
     store = ShardedTables(list(job.shards), tc.max_staleness)
     learner = OnlineLearner(job.spec, job.learner, store=store).to(device)
     learner.expires = rank == 0
-    ckpts = CheckpointStore(paths.checkpoints, keep=tc.keep_checkpoints)
+    ckpts = checkpoint_store(paths.checkpoints, keep=tc.keep_checkpoints)
     refused: list[str] = []
 
     def on_refused(e: Exception) -> None:
@@ -454,25 +575,25 @@ def _worker(config: dict) -> None:
         if again:
             print(f"olrec: resuming at offset {start}; {again} events applied since are applied again", flush=True)
     if latest:
-        state = torch.load(latest.file("dense.pt"), weights_only=False, map_location="cpu")
+        state = torch.load(io.BytesIO(latest.read("dense.pt")), weights_only=False, map_location="cpu")
         learner.load_dense_state_dict(state)
         if rank == 0:
-            with np.load(latest.file("progress.npz")) as z:
+            with np.load(io.BytesIO(latest.read("progress.npz"))) as z:
                 progress.extend(z["offsets"], z["preds"], z["labels"])
     if world > 1:
         torch.distributed.barrier()  # no pull before the shards are restored
     sync: Any = TorchDenseSync(learner, tc.sync_every, device) if world > 1 else Solo()
-    paths.ledger.mkdir(parents=True, exist_ok=True)
-    ledger = open(paths.ledger / f"rank{rank}-{os.getpid()}-{time.time_ns()}.bin", "ab")
+    ledger = Ledger(paths.ledger, f"rank{rank}-{os.getpid()}-{time.time_ns()}")
     applied = Applied(start)
     log = EventLog(paths.log, create=False) if rank == 0 else None
     # Rank 0 reports for the run (its learner's counts are the merged ones).
-    telemetry = TrainMetrics({"run": paths.root.name}, events_start=learner.events) if rank == 0 else None
+    telemetry = TrainMetrics({"run": storage.name_of(paths.root)}, events_start=learner.events) if rank == 0 else None
     feeder = Feeder(iter_events(ray.train.get_dataset_shard("train"), prefetch=job.prefetch))
     per_worker = job.learner.batch_size  # per worker, as in DDP: a round learns up to W x batch_size
     mine = _Progress()  # this worker's predictions since the last gather
     new_spans: list[tuple[int, int]] = []
     last_report = last_ckpt = time.monotonic()
+    asked, last_asked = False, -np.inf
     ckpt_events = learner.events
     ckpt_time = time.time()
     loss_sum, loss_n, step_s = 0.0, 0, 0.0
@@ -482,7 +603,7 @@ def _worker(config: dict) -> None:
     def settle() -> None:
         spans = [s for tag in store.done() for s in tag]
         if spans:
-            np.asarray(spans, np.int64).tofile(ledger)
+            ledger.add(spans)
             new_spans.extend(spans)
 
     def gather() -> None:
@@ -535,7 +656,7 @@ def _worker(config: dict) -> None:
             "final": final,
         }
         if telemetry is not None:
-            _publish(paths.published, learner, applied.watermark)
+            publish_dense(paths, learner, applied.watermark)
             _write_json(paths.metrics, metrics)
             telemetry.record(metrics)
             for kind, values in store.latencies.items():
@@ -556,7 +677,8 @@ def _worker(config: dict) -> None:
             staging = stage_checkpoint(ckpts, learner, (o[keep], p[keep], y[keep]))
             ckpts.commit(staging, applied.watermark, {"events": int(learner.events), "workers": world,
                                                       "shards": len(job.shards)})
-            paths.checkpoint_request.unlink(missing_ok=True)
+            storage.remove(paths.checkpoint_request)
+        ledger.compact()
         last_ckpt, ckpt_events, ckpt_time = time.monotonic(), learner.events, time.time()
 
     while True:
@@ -580,7 +702,8 @@ def _worker(config: dict) -> None:
         if rank == 0:
             want[1] = float(now - last_report >= tc.report_every_s)
             due_events = tc.checkpoint_every_events is not None and learner.events - ckpt_events >= tc.checkpoint_every_events
-            asked = paths.checkpoint_request.exists()  # a stat per round: microseconds
+            if now - last_asked >= tc.poll_interval:  # a stat (an object store: a request) per poll
+                asked, last_asked = storage.exists(paths.checkpoint_request), now
             want[2] = float(now - last_ckpt >= tc.checkpoint_every_s or due_events or asked)
         got = sync.end_round(learner, want)
         if got[1] > 0 or got[2] > 0:  # every worker sees the same decision
@@ -596,52 +719,44 @@ def _worker(config: dict) -> None:
     gather()
     checkpoint()
     report(final=True)
-    ledger.close()
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _publish(path: Path, learner: OnlineLearner, watermark: int) -> None:
-    """The dense weights that match ``watermark``, for serving (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    torch.save({"watermark": int(watermark), "events": int(learner.events),
-                "model": learner.model.state_dict(), "blend": learner.blend.state_dict(),
-                "wide_dense": None if learner.wide is None else learner.wide.dense.copy(),
-                "total": learner.counters.total.copy(), "calibration": learner.calibration()}, tmp)
-    os.replace(tmp, path)
+def _write_json(path: Path | str, obj: dict) -> None:
+    storage.write_bytes(path, (json.dumps(obj, default=str) + "\n").encode())
 
 
 def learner_from_checkpoint(path: str | Path, spec: FeatureSpec, cfg: LearnerConfig) -> OnlineLearner:
-    """The model a checkpoint holds, in this process: its shards as local
-    objects behind the same client, its dense state loaded."""
+    """The model a checkpoint (its directory or URI) holds, in this process: its
+    shards as local objects behind the same client, its dense state loaded."""
     from .learner import learner_tables
     from .ps import LocalShard, ShardedTables
 
-    n = len(list(Path(path).glob("shard-*.pkl")))
+    n = sum(1 for name in storage.listdir(path) if re.match(r"^shard-\d{4}\.pkl$", name))
     if n == 0:
-        raise FileNotFoundError(f"no shard snapshots (shard-*.pkl) in checkpoint {path}")
+        raise FileNotFoundError(f"no shard snapshots (shard-*.pkl) in checkpoint {storage.where(path)}")
     store = ShardedTables([LocalShard(learner_tables(spec, cfg), i) for i in range(n)])
     store.restore(str(path))
     learner = OnlineLearner(spec, cfg, store=store)
-    learner.load_dense_state_dict(torch.load(Path(path) / "dense.pt", weights_only=False, map_location="cpu"))
+    learner.load_dense_state_dict(torch.load(io.BytesIO(storage.read_bytes(storage.join(path, "dense.pt"))),
+                                             weights_only=False, map_location="cpu"))
     return learner
 
 
 def stage_checkpoint(ckpts: CheckpointStore, learner: OnlineLearner,
-                     progress: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Path:
+                     progress: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Path | str:
     """Stage a checkpoint of a learner whose rows live in shards (a
     :class:`~olrec.ps.ShardedTables`): every shard's snapshot, the dense state
     and the progressive (offsets, predictions, labels) below its watermark.
     Commit it with ``ckpts.commit(staging, watermark, meta)``."""
     staging = ckpts.stage()
     learner.store.snapshot(str(staging))  # type: ignore[attr-defined]
-    torch.save(learner.dense_state_dict(), staging / "dense.pt")
+    buf = io.BytesIO()
+    torch.save(learner.dense_state_dict(), buf)
+    storage.write_bytes(storage.join(staging, "dense.pt"), buf.getvalue())
     o, p, y = progress if progress is not None else (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
-    np.savez(staging / "progress.npz", offsets=o, preds=p, labels=y)
+    buf = io.BytesIO()
+    np.savez(buf, offsets=o, preds=p, labels=y)
+    storage.write_bytes(storage.join(staging, "progress.npz"), buf.getvalue())
     return staging
 
 
@@ -650,21 +765,21 @@ def learn_into_run(events: pa.Table, spec: FeatureSpec, cfg: LearnerConfig, run_
     """Learn ``events`` in this process into a run directory, with no Ray
     cluster: the events in its log, one checkpoint at their end, model.json.
     ``olrec serve`` serves it as it serves a run of :func:`train`."""
-    from .checkpoint import CheckpointStore
+    from .checkpoint import checkpoint_store
     from .learner import learner_tables
     from .log import EventLog
     from .ps import LocalShard, ShardedTables
 
-    paths = RunPaths(Path(run_dir).resolve())
+    paths = RunPaths.of(run_dir)
     with EventLog(paths.log) as log:
         if log.end_offset:
-            raise ValueError(f"the event log {paths.log} is not empty")
+            raise ValueError(f"the event log {storage.where(paths.log)} is not empty")
         n = log.append(events).n_good
     store = ShardedTables([LocalShard(learner_tables(spec, cfg), i) for i in range(shards)])
     learner = OnlineLearner(spec, cfg, store=store)
     for table in EventLog(paths.log, create=False).read(0):
         learner.learn(encode(table, spec))
-    ckpts = CheckpointStore(paths.checkpoints)
+    ckpts = checkpoint_store(paths.checkpoints)
     ckpts.commit(stage_checkpoint(ckpts, learner), n, {"events": int(learner.events), "workers": 0, "shards": shards})
     write_model(paths, spec, cfg, shards)
     return learner
@@ -678,7 +793,7 @@ def shard_name(run_dir: str | Path, index: int) -> str:
     (``ray.get_actor(name, namespace=NAMESPACE)`` finds it from any job, Serve's too)."""
     import hashlib
 
-    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(str(storage.resolve(run_dir)).encode()).hexdigest()[:10]
     return f"olrec-shard-{digest}-{index}"
 
 
@@ -700,13 +815,13 @@ class _ResumeAt:
     """The dataset's start, read when it executes: the latest checkpoint's
     watermark, so a restarted worker group replays from there."""
 
-    def __init__(self, checkpoints: Path) -> None:
+    def __init__(self, checkpoints: Path | str) -> None:
         self.checkpoints = checkpoints
 
     def __call__(self) -> int:
-        from .checkpoint import CheckpointStore
+        from .checkpoint import checkpoint_store
 
-        latest = CheckpointStore(self.checkpoints).latest(on_refused=lambda e: None)
+        latest = checkpoint_store(self.checkpoints).latest(on_refused=lambda e: None)
         return latest.watermark if latest else 0
 
 
@@ -728,12 +843,12 @@ def train(spec: FeatureSpec, learner: LearnerConfig, tc: TrainConfig, run_dir: s
     from .ps import LocalShard
     from .stream import LogDataConfig, log_dataset
 
-    paths = RunPaths(Path(run_dir).resolve())
+    paths = RunPaths.of(run_dir)
     log = EventLog(paths.log, create=False)
     if not tc.continuous and end is None:
         end = log.end_offset
-    paths.stop_file.unlink(missing_ok=True)
-    paths.checkpoint_request.unlink(missing_ok=True)
+    storage.remove(paths.stop_file)
+    storage.remove(paths.checkpoint_request)
     write_model(paths, spec, learner, tc.shards)
     # A shard that dies comes back empty (max_restarts); the call that saw it
     # die fails the worker group, which restores every shard from the checkpoint.
@@ -750,15 +865,20 @@ def train(spec: FeatureSpec, learner: LearnerConfig, tc: TrainConfig, run_dir: s
             _worker, train_loop_config={"job": job},
             scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
-            run_config=RunConfig(name=storage_name, storage_path=str(paths.root / "ray"),
+            run_config=RunConfig(name=storage_name, storage_path=_ray_storage(paths),
                                  failure_config=FailureConfig(max_failures=tc.max_failures)),
             datasets={"train": ds}, dataset_config=LogDataConfig())
-        paths.metrics.unlink(missing_ok=True)
+        storage.remove(paths.metrics)
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        return json.loads(paths.metrics.read_text())
+        return json.loads(storage.read_bytes(paths.metrics))
     finally:
         for s in shards:
             ray.kill(s)
 
+
+def _ray_storage(paths: RunPaths) -> str | None:
+    """Ray Train's own results (olrec reports no Ray checkpoints): beside the
+    run on a local disk; for a run in an object store, Ray's default (None)."""
+    return str(storage.join(paths.root, "ray")) if storage.local_path(paths.root) is not None else None

@@ -37,6 +37,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
+from olrec import storage
 from olrec.serving import (RequestError, ServeConfig, ServingModel, bad, check_context, check_ids, check_token,
                            feedback_table)
 from olrec.v1 import recommender_pb2 as pb
@@ -65,7 +66,7 @@ class LogWriter:
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class DensePublisher:
-    """Watches ``published.pt`` (or the newest checkpoint) and publishes each
+    """Watches the run's published dense weights (or newest checkpoint) and publishes each
     new dense version to the Triton model repositories (version number = the
     events the weights had learned), at most every ``every_s`` seconds."""
 
@@ -105,7 +106,7 @@ class Recommender:
 
         self.cfg = ServeConfig(**cfg)
         self.model = ServingModel(self.cfg)
-        self.metrics = ServeMetrics({"run": Path(self.cfg.run_dir).name})
+        self.metrics = ServeMetrics({"run": storage.name_of(self.cfg.run_dir)})
         self.writer, self.publisher = writer, publisher
         # Calls whose client gave up (deadline, cancel): Serve cancels them here, mid-Triton-call included.
         self.cancelled = {"requests": 0, "triton_calls": 0}
@@ -241,7 +242,7 @@ class Recommender:
     # -- plumbing -------------------------------------------------------------
     def _need_model(self) -> None:
         if not self.model.ready:
-            raise RequestError("UNAVAILABLE", f"no model yet: nothing trained in {self.model.paths.root} "
+            raise RequestError("UNAVAILABLE", f"no model yet: nothing trained in {storage.where(self.model.paths.root)} "
                                               "(no trainer publishing, no checkpoint)")
 
     async def _answer(self, grpc_context: RayServegRPCContext, empty: type, answer: Any) -> Any:
@@ -290,7 +291,7 @@ def serve_config(args: dict[str, Any]) -> ServeConfig:
     if "run_dir" not in args:
         raise ValueError("serve config: run_dir is required (the olrec train run to serve)")
     args = dict(args)
-    args["run_dir"] = str(Path(args["run_dir"]).resolve())
+    args["run_dir"] = str(storage.resolve(args["run_dir"]))
     if args.get("feedback_token") is None:
         import os
 
@@ -309,7 +310,7 @@ def application(cfg: ServeConfig, **options: Any) -> serve.Application:
     plain = asdict(cfg)
     if "num_replicas" in options:  # a fixed count replaces the autoscaling config
         options.setdefault("autoscaling_config", None)
-    writer = LogWriter.bind(str(Path(cfg.run_dir) / "log"))
+    writer = LogWriter.bind(str(storage.join(cfg.run_dir, "log")))
     publisher = DensePublisher.bind(plain, cfg.publish_s) if cfg.scorer == "triton" else None
     return (Recommender.options(**options) if options else Recommender).bind(plain, writer, publisher)
 

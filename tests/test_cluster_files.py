@@ -226,6 +226,7 @@ def test_readme_names_files_that_exist() -> None:
 
 def test_readme_olrec_commands_parse_and_jobs_use_token_auth() -> None:
     from olrec.cli import _parser
+    from olrec.storage import is_uri
 
     cmds = _readme_commands()
     olrec = [re.split(r"(?:python -m |bin/)olrec ", c, maxsplit=1)[1] for c in cmds
@@ -233,7 +234,8 @@ def test_readme_olrec_commands_parse_and_jobs_use_token_auth() -> None:
     assert {shlex.split(c)[0] for c in olrec} >= {"train", "serve"}
     for c in olrec:
         args = _parser().parse_args(shlex.split(c.split(" #")[0]))  # SystemExit on an unknown flag
-        assert args.command != "train" or args.run_dir is None or args.run_dir.is_absolute(), c
+        run_dir = getattr(args, "run_dir", None)
+        assert args.command != "train" or run_dir is None or is_uri(run_dir) or Path(run_dir).is_absolute(), c
     ray_clients = [c for c in cmds if re.search(r"\b(ray job \w+|serve (run|deploy))\b", c)]
     assert len(ray_clients) >= 4
     assert [c for c in ray_clients if "RAY_AUTH_MODE=token" not in c] == []

@@ -232,7 +232,7 @@ def test_the_training_entrypoints_run_this_repos_olrec_train(overlay: str) -> No
         assert args.command == "train"
         assert args.continuous == (name == "olrec-train-continuous")
         for path in (args.config, args.events, args.run_dir):
-            assert path is not None and path.is_absolute(), argv  # a job runs from a copy of the working dir
+            assert path is not None and Path(path).is_absolute(), argv  # a job runs from a copy of the working dir
         # --config is a key of a ConfigMap mounted on the head that runs the driver
         cluster = (job["spec"].get("rayClusterSpec")
                    or one(overlay, "RayCluster", job["spec"]["clusterSelector"]["ray.io/cluster"])["spec"])

@@ -16,7 +16,7 @@ from olrec.learner import LearnerConfig
 from olrec.log import EventLog
 from olrec.serving import ServeConfig
 from olrec.sources import read_ml100k
-from olrec.train import TrainConfig
+from olrec.train import RunPaths, TrainConfig, latest_published
 from olrec.v1 import recommender_pb2 as pb
 from raycluster import Background, wait_for
 from servingrun import ML100K
@@ -42,7 +42,7 @@ def live(serve_grpc, tmp_path_factory):
     with Background(ml100k_spec(), LearnerConfig(), tc, root) as trainer:
         cfg = ServeConfig(run_dir=str(root), scorer="in_process", refresh_s=0.2)
         client = Client(serve_grpc, APP)
-        wait_for(lambda: (root / "published.pt").is_file(), 120, "the trainer's first publish")
+        wait_for(lambda: latest_published(RunPaths(root)) is not None, 120, "the trainer's first publish")
         # 0.1 CPU: the trainer holds most of the session cluster's two
         serve.run(application(cfg, num_replicas=1, ray_actor_options={"num_cpus": 0.1}), name=APP,
                   route_prefix=f"/{APP}")

@@ -246,11 +246,11 @@ def test_live_shards_are_looked_up_once_and_again_after_they_go(tmp_path, ray_cl
     from olrec.checkpoint import CheckpointStore
     from olrec.learner import LearnerConfig, learner_tables
     from olrec.ps import LocalShard
-    from olrec.train import NAMESPACE, RunPaths, _publish, shard_name
+    from olrec.train import NAMESPACE, RunPaths, publish_dense, shard_name
 
     learner = make_run(tmp_path, n_events=2_000, shards=1)
     paths = RunPaths(tmp_path)
-    _publish(paths.published, learner, 2_000)
+    publish_dense(paths, learner, 2_000)
     snapshot = str(CheckpointStore(paths.checkpoints).latest().file("shard-0000.pkl"))
     actor = ray_cluster.remote(num_cpus=0)(LocalShard)
 

@@ -17,7 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from olrec.train import Applied, Feeder, TrainConfig, count_from, intervals, read_ledger
+from olrec.train import (Applied, Feeder, Ledger, RunPaths, TrainConfig, count_from, intervals, latest_published,
+                         ledger_writers, read_ledger, read_published)
 
 
 # -- watermark bookkeeping ------------------------------------------------------------
@@ -55,14 +56,27 @@ def test_applied_ignores_spans_below_the_watermark() -> None:
     assert a.watermark == 120
 
 
-def test_ledger_reads_every_worker_and_drops_a_torn_record(tmp_path: Path) -> None:
-    np.asarray([(0, 10), (20, 30)], np.int64).tofile(tmp_path / "rank0-1.bin")
-    with open(tmp_path / "rank1-2.bin", "wb") as f:
-        np.asarray([(10, 20)], np.int64).tofile(f)
-        f.write(np.int64(40).tobytes())  # a record cut in half by a kill
+def test_ledger_parts_and_compactions_count_each_span_once(tmp_path: Path) -> None:
+    a, b = Ledger(tmp_path, "rank0-1-5"), Ledger(tmp_path, "rank1-2-6")
+    a.add([(0, 10)])
+    a.flush()
+    a.add([(20, 30)])
+    a.flush()
+    b.add([(10, 20)])
+    b.flush()
+    assert sorted(read_ledger(tmp_path)) == [(0, 10), (10, 20), (20, 30)]
+    a.compact()  # a's two parts become one file
+    a.add([(30, 40)])
+    a.flush()
+    assert sorted(os.listdir(tmp_path)) == ["rank0-1-5-c00000002.bin", "rank0-1-5-p00000002.bin",
+                                            "rank1-2-6-p00000000.bin"]
+    assert ledger_writers(tmp_path) == {"rank0-1-5": [(0, 10), (20, 30), (30, 40)], "rank1-2-6": [(10, 20)]}
+    a.flush()  # nothing new: no file
+    a.compact()
+    assert sorted(os.listdir(tmp_path)) == ["rank0-1-5-c00000003.bin", "rank1-2-6-p00000000.bin"]
     spans = read_ledger(tmp_path)
-    assert sorted(spans) == [(0, 10), (10, 20), (20, 30)]
-    assert count_from(spans + [(5, 15)], 8) == 2 + 10 + 10 + 7
+    assert sorted(spans) == [(0, 10), (10, 20), (20, 40)]
+    assert count_from(spans + [(5, 15)], 8) == 2 + 10 + 20 + 7
 
 
 def test_train_config_names_bad_values() -> None:
@@ -165,10 +179,12 @@ def synthetic(n: int) -> pa.Table:
     return t.set_column(t.schema.get_field_index("event_id"), "event_id", ids)
 
 
-def published_watermark(run_dir: Path) -> int:
+def published_watermark(run_dir: Path | str) -> int:
+    paths = RunPaths.of(run_dir)
     try:
-        return int(torch.load(run_dir / "published.pt", weights_only=False)["watermark"])
-    except (FileNotFoundError, EOFError, RuntimeError):
+        name = latest_published(paths)
+        return -1 if name is None else int(read_published(paths, name)["watermark"])
+    except FileNotFoundError:  # pruned between the listing and the read
         return -1
 
 
@@ -253,16 +269,16 @@ def test_a_killed_shard_is_restored_from_the_checkpoint_and_nothing_is_lost(ray_
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_checkpoint_not_the_start(ray_cluster, tmp_path: Path) -> None:
     def kill_worker(run_dir: Path) -> None:
-        files = sorted((run_dir / "ledger").glob("rank0-*.bin"))
-        assert len(files) == 1
-        os.kill(int(files[0].name.split("-")[1]), signal.SIGKILL)
+        writers = [w for w in ledger_writers(run_dir / "ledger") if w.startswith("rank0-")]
+        assert len(writers) == 1
+        os.kill(int(writers[0].split("-")[1]), signal.SIGKILL)
 
     metrics, lost, dup = _kill_mid_run(tmp_path, kill_worker)
     assert lost == 0 and dup == 2_000 and metrics["replayed"] == dup
-    files = sorted((tmp_path / "ledger").glob("rank0-*.bin"), key=lambda p: int(p.name.split("-")[2].split(".")[0]))
-    assert len(files) == 2
-    resumed = np.fromfile(files[1], np.int64).reshape(-1, 2)
-    assert resumed[0, 0] == 10_000  # the second attempt started at the checkpoint's watermark
+    attempts = sorted((w for w in ledger_writers(tmp_path / "ledger").items() if w[0].startswith("rank0-")),
+                      key=lambda w: int(w[0].split("-")[2]))
+    assert len(attempts) == 2
+    assert min(attempts[1][1])[0] == 10_000  # the second attempt started at the checkpoint's watermark
 
 
 @pytest.mark.slow

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from raycluster import find, submit, wait_for, wait_job
-from test_train import fill, synthetic
+from test_train import fill, published_watermark, synthetic
 
 from olrec.checkpoint import CheckpointStore
 from olrec.log import EventLog
@@ -65,7 +64,7 @@ def test_ray_job_submit_trains_checkpoints_and_reports_metrics(ray_head, tmp_pat
     assert final["watermark"] == 12_288 and final["events_trained"] == 12_288 and final["final"]
     latest = CheckpointStore(run / "checkpoints").latest()
     assert latest is not None and latest.watermark == 12_288
-    assert torch.load(run / "published.pt", weights_only=False)["watermark"] == 12_288
+    assert published_watermark(run) == 12_288
 
 
 @pytest.mark.slow
