@@ -85,7 +85,7 @@ class FileEntry(NamedTuple):
 class Checkpoint:
     """A complete checkpoint as its manifest describes it (not yet verified)."""
 
-    path: Path | str  # a local directory, or an object-store URI
+    path: Path | str = field(repr=False)  # a local directory, or an object-store URI (may carry credentials)
     seq: int
     watermark: int  # every event with a log offset below it is in the checkpoint
     meta: dict[str, Any] = field(compare=False)
@@ -474,7 +474,7 @@ class ObjectCheckpointStore(CheckpointStore):
         self._open.discard(name)
         return self._committed(Checkpoint(path, _seq_of(name), watermark, meta, body["created"], files))
 
-    def cleanup(self, min_age: float | None = None) -> list[Path]:  # type: ignore[override]
+    def cleanup(self, min_age: float | None = None) -> list[str]:  # type: ignore[override]
         """Delete every incomplete ``ckpt-*`` prefix not handed out by this instance in which
         nothing changed for ``min_age`` seconds (default ``stale_after``); return their URIs."""
         min_age = self.stale_after if min_age is None else min_age
@@ -491,7 +491,7 @@ class ObjectCheckpointStore(CheckpointStore):
                 path = storage.join(self.root, name)
                 storage.remove_tree(path)
                 removed.append(path)
-        return removed  # type: ignore[return-value]
+        return removed
 
     def _prune(self) -> None:
         for _, path in self._scan()[: -self.keep]:

@@ -194,8 +194,6 @@ def _write_dead_letters(bad, path: Path | str) -> dict[str, int]:
     """Rewrite ``path`` (a local path or an object-store URI) with this run's rejected rows
     (empty when none): one JSON object per row, its cells as text, ``row`` (0-based, in
     file order) and ``reason``. Returns the count per reason."""
-    from . import storage
-
     reasons: dict[str, int] = {}
     lines = []
     for rec in bad.to_pylist():
@@ -355,8 +353,10 @@ def run_serve(args: argparse.Namespace) -> None:
     try:
         init_ray(max(2, math.ceil(args.replicas * args.replica_cpus) + 1), include_dashboard=False)
         serve.start(grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=SERVICER_FUNCTIONS))
-        serve.run(application(cfg, num_replicas=args.replicas, ray_actor_options={"num_cpus": args.replica_cpus}),
-                  name="olrec", route_prefix="/olrec")
+        # This machine's Triton reads its model repository from this machine's disk.
+        here = ray.util.get_node_ip_address() if triton is not None else None
+        serve.run(application(cfg, publisher_node=here, num_replicas=args.replicas,
+                              ray_actor_options={"num_cpus": args.replica_cpus}), name="olrec", route_prefix="/olrec")
         if not stop.is_set():
             print(f"olrec: serving {storage.where(paths.root)} on gRPC port {args.port} (Ctrl-C to stop)", file=sys.stderr)
         while not stop.wait(0.5):

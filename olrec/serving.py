@@ -26,7 +26,7 @@ import io
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -50,7 +50,7 @@ RowDtype = Literal["fp32", "fp16", "int8"]
 class ServeConfig:
     """How a replica serves (``serve/config.yaml`` passes these as application args)."""
 
-    run_dir: str
+    run_dir: str = field(repr=False)  # a URI may carry credentials
     scorer: Literal["triton", "in_process"] = "triton"
     precision: Literal["int8", "fp32"] = "int8"  # of the ranking model in Triton
     triton_url: str = "127.0.0.1:8001"
@@ -72,7 +72,7 @@ class ServeConfig:
     #: Where the Triton model repositories are written (default: :func:`triton_repo`); a
     #: Kubernetes Triton reads ``<it>/k8s`` from a volume, also for a run in an object store.
     triton_repo: str | None = None
-    feedback_token: str | None = None  # Feedback needs "authorization: Bearer <token>" when set
+    feedback_token: str | None = field(default=None, repr=False)  # Feedback needs "authorization: Bearer <token>" when set
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -741,7 +741,12 @@ class DenseWatcher:
             return self._newest[1]
         best = None
         if pub is not None:
-            best = read_published(self.paths, pub)
+            try:
+                best = read_published(self.paths, pub)
+            except FileNotFoundError:  # pruned since the listing: the newest then
+                pub = latest_published(self.paths)
+                best = read_published(self.paths, pub) if pub is not None else None
+                key = (pub, key[1])
         if ckpts and (best is None or int(ckpts[-1].meta.get("events", 0)) > int(best["events"])):
             best = torch.load(io.BytesIO(ckpts[-1].read("dense.pt")), weights_only=False, map_location="cpu")
         self._newest = (key, best)

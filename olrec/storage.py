@@ -49,7 +49,10 @@ def local_path(loc: Location) -> Path | None:
     if m is None:
         return Path(loc)
     if m[1].lower() == "file":
-        return Path(urllib.parse.unquote(urllib.parse.urlsplit(str(loc)).path))
+        u = urllib.parse.urlsplit(str(loc))
+        if u.netloc not in ("", "localhost"):  # file://runs/x would quietly be /x
+            raise ValueError(f"{where(loc)!r}: a file:// URI names an absolute path (file:///abs/path)")
+        return Path(urllib.parse.unquote(u.path))
     return None
 
 
@@ -80,22 +83,31 @@ def where(loc: Location) -> str:
     return mask_uri(str(loc))
 
 
-# One filesystem per store and options: its connection pool is reused across calls.
-_filesystems: dict[tuple[str, str, str], pafs.FileSystem] = {}
+# One filesystem per store and options (the URI without its path): a client, and its
+# connection pool, is made once per process, not per call. Its path prefix comes from
+# the store's root (for s3://bucket/..., "bucket"), as pyarrow spells paths in it.
+_filesystems: dict[tuple[str, str, str], tuple[pafs.FileSystem, str]] = {}
 _fs_lock = threading.Lock()
 
 
 def filesystem(loc: Location) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of an object-store URI, and the path in it."""
-    uri = str(loc)
-    u = urllib.parse.urlsplit(uri)
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, ValueError) as e:
-        raise ValueError(f"{where(uri)!r}: not a filesystem URI pyarrow can open ({mask_uri(str(e))})") from None
+    u = urllib.parse.urlsplit(str(loc))
+    key = (u.scheme.lower(), u.netloc, u.query)
     with _fs_lock:
-        fs = _filesystems.setdefault((u.scheme.lower(), u.netloc, u.query), fs)
-    return fs, path.rstrip("/")
+        hit = _filesystems.get(key)
+    if hit is None:
+        root = urllib.parse.urlunsplit((u.scheme, u.netloc, "/", u.query, ""))
+        try:
+            hit = pafs.FileSystem.from_uri(root)
+        except (pa.ArrowInvalid, ValueError) as e:  # pyarrow quotes the URI: its user part masked too
+            why = mask_uri(str(e).replace(u.netloc, "***") if u.netloc else str(e))
+            raise ValueError(f"{where(loc)!r}: not a filesystem URI pyarrow can open ({why})") from None
+        with _fs_lock:
+            hit = _filesystems.setdefault(key, hit)
+    fs, prefix = hit
+    rel = urllib.parse.unquote(u.path).strip("/")
+    return fs, f"{prefix.rstrip('/')}/{rel}" if rel else prefix.rstrip("/") or "/"
 
 
 def read_bytes(loc: Location) -> bytes:
@@ -213,19 +225,6 @@ def remove_tree(loc: Location) -> None:
         fs.delete_dir(path)
     except FileNotFoundError:
         pass
-
-
-def makedirs(loc: Location) -> None:
-    """Create ``loc`` as a directory (parents too); nothing if it exists. An object store needs none
-    for its objects, but an empty prefix made here shows up in listings."""
-    p = local_path(loc)
-    if p is not None:
-        if not p.is_dir():
-            p.mkdir(parents=True, exist_ok=True)
-            fsync_dir(p.parent)
-        return
-    fs, path = filesystem(loc)
-    fs.create_dir(path)
 
 
 def fsync_dir(path: Path) -> None:

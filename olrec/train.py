@@ -22,7 +22,7 @@ A checkpoint (olrec.checkpoint) holds the shards, the dense state and W; a
 restarted run (Ray Train's FailureConfig, or a new job) restores the latest
 one that verifies and replays the log from W: nothing is lost, and the events
 applied after the checkpoint are applied again (counted from the ledger of
-applied offsets every worker appends to).
+applied offsets every worker writes, :class:`Ledger`).
 """
 
 from __future__ import annotations
@@ -243,6 +243,7 @@ class Applied:
 
 
 _LEDGER_RE = re.compile(r"^(.+)-([pc])(\d{8})\.bin$")
+_LEGACY_LEDGER_RE = re.compile(r"^(rank\d+-\d+-\d+)\.bin$")
 
 
 class Ledger:
@@ -257,43 +258,48 @@ class Ledger:
         self.directory, self.writer = directory, writer
         self._parts = self._compacted = 0
         self._new: list[tuple[int, int]] = []
-        self._all: list[tuple[int, int]] = []
+        self._all: list[np.ndarray] = []  # every part's (n, 2) spans, merged at compact()
 
     def add(self, spans: list[tuple[int, int]]) -> None:
         self._new.extend(spans)
 
     def flush(self) -> None:
         if self._new:
-            self._write(f"p{self._parts:08d}", self._new)
+            part = np.asarray(self._new, np.int64).reshape(-1, 2)
+            self._write(f"p{self._parts:08d}", part)
             self._parts += 1
-            self._all = _merge(self._all + self._new)
+            self._all.append(part)
             self._new = []
 
     def compact(self) -> None:
         self.flush()
         if self._parts == self._compacted:
             return
-        self._write(f"c{self._parts:08d}", self._all)
+        self._all = [_merge_array(np.concatenate(self._all))]
+        self._write(f"c{self._parts:08d}", self._all[0])
         self._compacted = self._parts
         for name in storage.listdir(self.directory):
             m = _LEDGER_RE.match(name)
             if m and m[1] == self.writer and int(m[3]) < self._parts:
                 storage.remove(storage.join(self.directory, name))
 
-    def _write(self, suffix: str, spans: list[tuple[int, int]]) -> None:
-        storage.write_bytes(storage.join(self.directory, f"{self.writer}-{suffix}.bin"),
-                            np.asarray(spans, np.int64).reshape(-1, 2).tobytes())
+    def _write(self, suffix: str, spans: np.ndarray) -> None:
+        storage.write_bytes(storage.join(self.directory, f"{self.writer}-{suffix}.bin"), spans.tobytes())
+
+
+def _merge_array(spans: np.ndarray) -> np.ndarray:
+    """(n, 2) half-open intervals with overlapping or touching ones joined, in order."""
+    if len(spans) == 0:
+        return spans.reshape(0, 2)
+    a = spans[np.argsort(spans[:, 0], kind="stable")]
+    reach = np.maximum.accumulate(a[:, 1])  # the furthest end so far: a gap starts a new interval
+    starts = np.flatnonzero(np.r_[True, a[1:, 0] > reach[:-1]])
+    return np.stack([a[starts, 0], np.maximum.reduceat(a[:, 1], starts)], axis=1)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Overlapping or touching intervals joined, in order."""
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(spans):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
+    """:func:`_merge_array` of a list of (lo, hi)."""
+    return [(lo, hi) for lo, hi in _merge_array(np.asarray(spans, np.int64).reshape(-1, 2)).tolist()]
 
 
 def read_ledger(directory: Path | str) -> list[tuple[int, int]]:
@@ -304,25 +310,28 @@ def read_ledger(directory: Path | str) -> list[tuple[int, int]]:
 def ledger_writers(directory: Path | str) -> dict[str, list[tuple[int, int]]]:
     """Each writer's (``rank<r>-<pid>-<ns>``) applied intervals: its newest
     compaction and the parts written after it."""
-    for _ in range(9):
+    for attempt in range(9):
         try:
             return _read_ledger(directory)
         except FileNotFoundError:  # a writer compacted while we read: list again
-            continue
+            time.sleep(0.05 * (attempt + 1))
     return _read_ledger(directory)
 
 
 def _read_ledger(directory: Path | str) -> dict[str, list[tuple[int, int]]]:
     files: dict[str, dict[str, list[int]]] = {}
+    out: dict[str, list[tuple[int, int]]] = {}
     for name in storage.listdir(directory):
         m = _LEDGER_RE.match(name)
         if m:
             files.setdefault(m[1], {"p": [], "c": []})[m[2]].append(int(m[3]))
-    out: dict[str, list[tuple[int, int]]] = {}
+        elif m := _LEGACY_LEDGER_RE.match(name):  # a file appended to by olrec before Ledger: a torn record dropped
+            a = np.frombuffer(storage.read_bytes(storage.join(directory, name)), np.int64)
+            out[m[1]] = [(int(lo), int(hi)) for lo, hi in a[: a.size // 2 * 2].reshape(-1, 2)]
     for writer, got in sorted(files.items()):
         upto = max(got["c"], default=0)
         names = ([f"c{upto:08d}"] if got["c"] else []) + [f"p{n:08d}" for n in sorted(got["p"]) if n >= upto]
-        spans = out[writer] = []
+        spans = out.setdefault(writer, [])
         for suffix in names:
             a = np.frombuffer(storage.read_bytes(storage.join(directory, f"{writer}-{suffix}.bin")), np.int64)
             spans += [(int(lo), int(hi)) for lo, hi in a.reshape(-1, 2)]
@@ -711,6 +720,7 @@ def _worker(config: dict) -> None:
             gather()
             if got[2] > 0:
                 checkpoint()
+                asked = False  # the request is served: look again at the next poll
             report(final=False)
         if got[0] >= world:
             break
@@ -718,6 +728,8 @@ def _worker(config: dict) -> None:
     sync.average_params(learner)
     gather()
     checkpoint()
+    if world > 1:
+        torch.distributed.barrier()  # every ledger compacted before rank 0 reads them all
     report(final=True)
 
 
@@ -804,7 +816,7 @@ class TrainJob:
     spec: FeatureSpec
     learner: LearnerConfig
     train: TrainConfig
-    run_dir: str
+    run_dir: str = field(repr=False)  # a URI may carry credentials
     shards: tuple
     #: Blocks a worker fetches ahead. Only for a log already written up to the
     #: end: a prefetching iterator holds each block until more arrive.

@@ -26,7 +26,6 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import grpc
@@ -304,14 +303,17 @@ def build(args: dict[str, Any]) -> serve.Application:
     return application(serve_config(args))
 
 
-def application(cfg: ServeConfig, **options: Any) -> serve.Application:
+def application(cfg: ServeConfig, *, publisher_node: str | None = None, **options: Any) -> serve.Application:
     """The application for ``cfg``; ``options`` go to the Recommender deployment
-    (``num_replicas``, ``ray_actor_options``, ...)."""
+    (``num_replicas``, ``ray_actor_options``, ...). ``publisher_node``: the IP of the
+    node whose Triton reads a repository on its own disk (``olrec serve``'s local
+    Triton): the DensePublisher runs there."""
     plain = asdict(cfg)
     if "num_replicas" in options:  # a fixed count replaces the autoscaling config
         options.setdefault("autoscaling_config", None)
     writer = LogWriter.bind(str(storage.join(cfg.run_dir, "log")))
-    publisher = DensePublisher.bind(plain, cfg.publish_s) if cfg.scorer == "triton" else None
+    pin = {"ray_actor_options": {"num_cpus": 0, "resources": {f"node:{publisher_node}": 0.001}}} if publisher_node else {}
+    publisher = DensePublisher.options(**pin).bind(plain, cfg.publish_s) if cfg.scorer == "triton" else None
     return (Recommender.options(**options) if options else Recommender).bind(plain, writer, publisher)
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -77,6 +76,9 @@ def test_ledger_parts_and_compactions_count_each_span_once(tmp_path: Path) -> No
     spans = read_ledger(tmp_path)
     assert sorted(spans) == [(0, 10), (10, 20), (20, 40)]
     assert count_from(spans + [(5, 15)], 8) == 2 + 10 + 20 + 7
+    with open(tmp_path / "rank0-7-8.bin", "wb") as f:  # appended by olrec before Ledger, its last record torn
+        f.write(np.asarray([(40, 50)], np.int64).tobytes() + np.int64(60).tobytes())
+    assert ledger_writers(tmp_path)["rank0-7-8"] == [(40, 50)]
 
 
 def test_train_config_names_bad_values() -> None:
