@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="serve a run's model over gRPC with Ray Serve (and a local Triton)",
         description="Serve the model of RUN_DIR (olrec.v1.Recommender over gRPC, through Ray Serve's proxy): live "
                     "rows from the run's parameter-server shards while `olrec train --continuous` runs on the same "
-                    "cluster, else its latest checkpoint. Starts a local Triton for the int8 ranking model unless "
+                    "cluster, else its newest checkpoint and the rows each published version changed since. Starts a local Triton for the int8 ranking model unless "
                     "--triton-url or --scorer in_process. Connects to $RAY_ADDRESS, else starts a local cluster. "
                     "Runs until Ctrl-C.")
     sv.add_argument("--run-dir", required=True, help="the olrec train run to serve (a directory or a URI)")

@@ -10,8 +10,12 @@ since counts above 2048 do not survive fp16) and the dense parts of the model
   published watermark W is read *before* the rows are pulled, and training
   publishes W only once every push below it is applied, so the rows served
   hold every event below W (they may hold more);
-- serving-only, with no trainer: the latest checkpoint (its rows, dense state
-  and watermark).
+- published, when the shards are out of reach (a replica on another Ray cluster,
+  or the trainer has stopped): the newest checkpoint plus the rows every later
+  published version changed (each version carries them: olrec.train.RowChain),
+  as fresh as the trainer's reports;
+- serving-only, for runs whose versions carry no rows: the latest checkpoint
+  (its rows, dense state and watermark).
 
 Side information comes from the event log (:class:`Catalog`): each item's
 item-side fields (genres, year), each user's last user-side fields, item
@@ -394,6 +398,7 @@ class Update:
     events: pa.Table | None = None
     mirrors: dict[str, RowMirror] | None = None  # a full reload's rows, built off the request path
     published: str | None = None  # the published version ``dense`` came from
+    chain: int | None = None  # the last published version whose rows are in (source "published")
 
 
 TABLES = ("sparse", "counters", "wide")
@@ -416,6 +421,7 @@ class ServingModel:
         self.catalog = Catalog(self.paths.log, self.spec)
         self.snapshot: Snapshot | None = None
         self._published: str | None = None  # the published version the snapshot holds
+        self._chain: int | None = None  # source "published": the last version whose rows are in
         self._versions: dict[str, list[int]] = {}
         self._force_full = False  # a shard went back in version: pull everything again
         self._shards: list | None = None  # the live trainer's shard actors, once found
@@ -450,6 +456,8 @@ class ServingModel:
                 shards = self._live_shards()
                 if shards is not None:
                     up = self._read_live(shards, published)
+        if up is None:
+            up = self._read_published()
         if up is None:
             up = self._read_checkpoint()
         up.events = events
@@ -502,6 +510,76 @@ class ServingModel:
         up.published = published if dense is not None else None
         return up
 
+    def _read_published(self) -> Update | None:
+        """The rows and dense weights of the published versions, for a replica that cannot
+        reach the trainer's shards (it runs in another Ray cluster: a KubeRay RayService):
+        a checkpoint's rows plus the rows every later version of its chain changed
+        (:class:`olrec.train.RowChain`). ``None`` when versions carry no rows or the ones
+        needed are gone: then the newest checkpoint alone."""
+        from .train import published_versions
+
+        seqs = [int(n[:12]) for n in published_versions(self.paths)]
+        if not seqs:
+            return None
+        snap = self.snapshot
+        try:
+            if snap is not None and snap.source == "published" and self._chain is not None:
+                if seqs[-1] == self._chain:
+                    return Update({}, {}, False, None, snap.watermark, "published")
+                versions = [self._version(s) for s in seqs if s > self._chain]
+                if all(v["rows"] is not None for v in versions) and _links(self._chain, versions):
+                    return Update(_overlay({}, versions, self.tables), {}, False, versions[-1], versions[-1]["watermark"],
+                                  "published", chain=seqs[-1])
+            return self._restart_published(seqs)
+        except FileNotFoundError:  # pruned while we read: next refresh
+            return None
+
+    def _restart_published(self, seqs: list[int]) -> Update | None:
+        """From the newest start point: walking back from the newest version along its
+        chain, the first checkpoint that names the version before it, or the chain's
+        start (its base checkpoint, or empty tables)."""
+        from .checkpoint import checkpoint_store
+        from .train import learner_from_checkpoint
+
+        store = checkpoint_store(self.paths.checkpoints)
+        ckpts = store.list(on_refused=lambda e: None)
+        by_published = {int(c.meta["published"]): c for c in ckpts if "published" in c.meta}
+        present = set(seqs)
+        chain: list[dict] = []
+        cur = seqs[-1]
+        while True:
+            v = self._version(cur)
+            if v["rows"] is None:
+                return None
+            chain.insert(0, v)
+            prev = v["rows"]["prev"]
+            if prev is None:  # the chain's start: its base
+                base = next((c for c in ckpts if c.seq == v["rows"]["base"]), None)
+                if v["rows"]["base"] and base is None:
+                    return None  # pruned
+                break
+            if prev in by_published:
+                base = by_published[prev]
+                break
+            if prev not in present:
+                return None  # a version it needs is pruned
+            cur = prev
+        rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if base is not None:
+            store.verify(base)
+            learner = learner_from_checkpoint(base.path, self.spec, self.lcfg)
+            for t in self.tables:
+                keys, weights, _ = learner.store.deltas(t, [-1] * len(learner.store.shards))  # type: ignore[attr-defined]
+                rows[t] = (keys, weights)
+        up = self._update(_overlay(rows, chain, self.tables), {}, True, chain[-1], chain[-1]["watermark"], "published")
+        up.chain = seqs[-1]
+        return up
+
+    def _version(self, seq: int) -> dict:
+        from .train import read_published
+
+        return read_published(self.paths, f"{seq:012d}.pt")
+
     def _read_checkpoint(self) -> Update:
         from .checkpoint import checkpoint_store
         from .train import learner_from_checkpoint
@@ -551,6 +629,8 @@ class ServingModel:
             self._versions = up.versions
         if up.published is not None:
             self._published = up.published
+        if up.chain is not None:
+            self._chain = up.chain
         if up.dense is not None:  # new dense weights (always, with new mirrors): a new snapshot learner
             learner = OnlineLearner(self.spec, self.lcfg, store=self.store)
             _load_dense(learner, up.dense)
@@ -607,6 +687,31 @@ class ServingModel:
         n = min(n, int(np.isfinite(score).sum()))
         top = np.argpartition(-score, n - 1)[:n] if n else np.zeros(0, np.int64)
         return ids[top], True
+
+
+def _links(prev: int, versions: list[dict]) -> bool:
+    """Whether ``versions`` (consecutive) continue the chain whose last version is ``prev``."""
+    for v in versions:
+        if v["rows"]["prev"] != prev:
+            return False
+        prev += 1
+    return True
+
+
+def _overlay(rows: dict[str, tuple[np.ndarray, np.ndarray]], versions: list[dict],
+             tables: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``rows`` with each version's changed rows laid over them in order (the last value of a key wins)."""
+    out = {}
+    for t in tables:
+        parts = ([rows[t]] if t in rows else []) + [v["rows"]["tables"][t] for v in versions if t in v["rows"]["tables"]]
+        if not parts:
+            continue
+        keys = np.concatenate([k for k, _ in parts])
+        weights = np.concatenate([w for _, w in parts])
+        _, last = np.unique(keys[::-1], return_index=True)
+        keep = np.sort(len(keys) - 1 - last)
+        out[t] = (keys[keep], weights[keep])
+    return out
 
 
 def _load_dense(learner: OnlineLearner, dense: dict) -> None:

@@ -190,21 +190,62 @@ def read_published(paths: RunPaths, name: str) -> dict[str, Any]:
                       weights_only=False, map_location="cpu")
 
 
-def publish_dense(paths: RunPaths, learner: OnlineLearner, watermark: int) -> str:
+def publish_dense(paths: RunPaths, learner: OnlineLearner, watermark: int, *, rows: RowChain | None = None,
+                  keep_after: int = 0) -> str:
     """The dense weights that match ``watermark``, for serving, as the next version. A new
     file each time (an object store has no rename): the name is one more than the newest,
-    so versions order by name whichever node's clock wrote them. One publisher at a time."""
+    so versions order by name whichever node's clock wrote them. One publisher at a time.
+
+    ``rows``: the per-id rows changed since the previous version of the chain (pulled
+    after ``watermark`` was taken, so they hold every event below it), for replicas
+    that cannot reach the shards (another Ray cluster: a KubeRay RayService).
+    Versions after ``keep_after`` (the newest checkpoint's last version: a replica
+    starts from that checkpoint and replays them) stay; of older ones, the last
+    :data:`KEEP_PUBLISHED`."""
     buf = io.BytesIO()
     torch.save({"watermark": int(watermark), "events": int(learner.events),
                 "model": learner.model.state_dict(), "blend": learner.blend.state_dict(),
                 "wide_dense": None if learner.wide is None else learner.wide.dense.copy(),
-                "total": learner.counters.total.copy(), "calibration": learner.calibration()}, buf)
+                "total": learner.counters.total.copy(), "calibration": learner.calibration(),
+                "rows": None if rows is None else rows.pull()}, buf)
     names = published_versions(paths)
-    name = f"{int(names[-1][:12]) + 1 if names else 1:012d}.pt"
+    seq = int(names[-1][:12]) + 1 if names else 1
+    name = f"{seq:012d}.pt"
     storage.write_bytes(storage.join(paths.published, name), buf.getvalue())
+    if rows is not None:
+        rows.prev = seq
     for old in names[: max(0, len(names) + 1 - KEEP_PUBLISHED)]:
-        storage.remove(storage.join(paths.published, old))
+        if int(old[:12]) <= keep_after:
+            storage.remove(storage.join(paths.published, old))
     return name
+
+
+@dataclass
+class RowChain:
+    """The rows each published version carries: those changed in the shards since the
+    chain's previous version. A chain starts with every attempt of a run, at the
+    checkpoint it restored (``base``: its seq; 0: empty tables); a replica holds the
+    base's rows plus every version of the chain, in order."""
+
+    store: Any  # the ShardedTables client of rank 0
+    tables: list[str]
+    base: int
+    prev: int | None = None  # the chain's last published version
+    since: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.store.shards)
+        if self.base == 0:  # tables just reset: the first version carries all their rows (the default rows)
+            self.since = {t: [-1] * n for t in self.tables}
+            return
+        # The shards' versions now, just restored: the base checkpoint holds those rows.
+        got = self.store.deltas_many({t: [np.iinfo(np.int64).max] * n for t in self.tables})
+        self.since = {t: got[t][2] for t in self.tables}
+
+    def pull(self) -> dict[str, Any]:
+        got = self.store.deltas_many(self.since)
+        self.since = {t: got[t][2] for t in self.tables}
+        return {"base": self.base, "prev": self.prev, "tables": {t: (got[t][0], got[t][1]) for t in self.tables}}
 
 
 # ---------------------------------------------------------------------------
@@ -546,6 +587,7 @@ def _worker(config: dict) -> None:
     import ray.train
 
     from .checkpoint import checkpoint_store
+    from .learner import learner_tables
     from .log import EventLog
     from .ps import ShardedTables
     from .stream import iter_events
@@ -593,6 +635,10 @@ def _worker(config: dict) -> None:
         torch.distributed.barrier()  # no pull before the shards are restored
     sync: Any = TorchDenseSync(learner, tc.sync_every, device) if world > 1 else Solo()
     ledger = Ledger(paths.ledger, f"rank{rank}-{os.getpid()}-{time.time_ns()}")
+    # Rank 0 publishes the rows changed with every dense version, from the checkpoint it restored.
+    chain = RowChain(store, [t.name for t in learner_tables(job.spec, job.learner)],
+                     base=latest.seq if latest else 0) if rank == 0 else None
+    keep_published = int(latest.meta.get("published", 0)) if latest else 0
     applied = Applied(start)
     log = EventLog(paths.log, create=False) if rank == 0 else None
     # Rank 0 reports for the run (its learner's counts are the merged ones).
@@ -665,7 +711,7 @@ def _worker(config: dict) -> None:
             "final": final,
         }
         if telemetry is not None:
-            publish_dense(paths, learner, applied.watermark)
+            publish_dense(paths, learner, applied.watermark, rows=chain, keep_after=keep_published)
             _write_json(paths.metrics, metrics)
             telemetry.record(metrics)
             for kind, values in store.latencies.items():
@@ -679,13 +725,18 @@ def _worker(config: dict) -> None:
         # dashboard (olrec.telemetry) and to metrics.json.
 
     def checkpoint() -> None:
-        nonlocal last_ckpt, ckpt_events, ckpt_time
+        nonlocal last_ckpt, ckpt_events, ckpt_time, keep_published
         if rank == 0:
             o, p, y = progress.arrays()
             keep = o < applied.watermark
             staging = stage_checkpoint(ckpts, learner, (o[keep], p[keep], y[keep]))
+            # "published": the chain's version before it; a replica starting here replays those after.
+            published = chain.prev  # type: ignore[union-attr]
+            if published is None:  # nothing yet in this chain: the next version starts it
+                published = int((latest_published(paths) or "0")[:12])
             ckpts.commit(staging, applied.watermark, {"events": int(learner.events), "workers": world,
-                                                      "shards": len(job.shards)})
+                                                      "shards": len(job.shards), "published": published})
+            keep_published = published
             storage.remove(paths.checkpoint_request)
         ledger.compact()
         last_ckpt, ckpt_events, ckpt_time = time.monotonic(), learner.events, time.time()

@@ -306,3 +306,47 @@ def test_a_corrupted_checkpoint_is_refused_and_the_previous_one_used(ray_cluster
     lost, dup = ledger_verdict(tmp_path, 20_000)
     assert lost == 0 and dup == 1_000  # 15k..16k replayed from the previous checkpoint
     assert metrics["replayed"] == 1_000
+
+
+@pytest.mark.slow
+def test_a_replica_that_cannot_reach_the_shards_follows_the_published_rows(ray_cluster, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """A replica in another Ray cluster (a KubeRay RayService) finds no shard actors:
+    it serves a checkpoint plus the rows every published version changed, as fresh
+    as the trainer's reports, and holds exactly the shards' rows."""
+    from olrec.ps import ShardedTables
+    from olrec.serving import ServeConfig, ServingModel
+
+    def replica() -> ServingModel:
+        model = ServingModel(ServeConfig(run_dir=str(tmp_path), scorer="in_process", rows="fp32"))
+        monkeypatch.setattr(model, "_live_shards", lambda: None)  # another cluster: none by name
+        return model
+
+    def refreshed(model: ServingModel) -> int:
+        model.apply(model.read_update())
+        return model.snapshot.watermark if model.snapshot else -1
+
+    events = synthetic(12_000)
+    fill(tmp_path, events.slice(0, 8_000))
+    tc = TrainConfig(continuous=True, report_every_s=0.2, poll_interval=0.1, checkpoint_every_events=3_000,
+                     checkpoint_every_s=3600)
+    with Background(SYN_SPEC, LearnerConfig(batch_size=1000), tc, tmp_path) as run:
+        wait_for(lambda: published_watermark(tmp_path) >= 0, "the trainer's first version")
+        early = replica()
+        wait_for(lambda: refreshed(early) >= 8_000, "a replica without shards to reach the log's end")
+        assert early.snapshot.source == "published"
+        with EventLog(tmp_path / "log").open_writer() as w:
+            w.append(events.slice(8_000))
+        wait_for(lambda: refreshed(early) >= 12_000, "it to follow new events")
+        late = replica()  # starts from the newest checkpoint and the versions after it
+        assert refreshed(late) >= 12_000 and late.snapshot.source == "published"
+        import ray
+
+        shards = ShardedTables([ray.get_actor(shard_name(tmp_path, 0), namespace=NAMESPACE)])
+        for t in ("sparse", "counters"):
+            keys, weights, _ = shards.deltas(t, [-1])
+            for model in (early, late):
+                refreshed(model)  # a version published after the last push (the log is drained)
+                np.testing.assert_array_equal(model.mirrors[t].gather(model.mirrors[t].rows(keys)), weights)
+        (tmp_path / "STOP").touch()
+        run.join()
