@@ -422,6 +422,7 @@ class ServingModel:
         self.snapshot: Snapshot | None = None
         self._published: str | None = None  # the published version the snapshot holds
         self._chain: int | None = None  # source "published": the last version whose rows are in
+        self._no_start: int | None = None  # the newest version when no start point was found
         self._versions: dict[str, list[int]] = {}
         self._force_full = False  # a shard went back in version: pull everything again
         self._shards: list | None = None  # the live trainer's shard actors, once found
@@ -516,10 +517,11 @@ class ServingModel:
         a checkpoint's rows plus the rows every later version of its chain changed
         (:class:`olrec.train.RowChain`). ``None`` when versions carry no rows or the ones
         needed are gone: then the newest checkpoint alone."""
+        from .checkpoint import CheckpointError
         from .train import published_versions
 
         seqs = [int(n[:12]) for n in published_versions(self.paths)]
-        if not seqs:
+        if not seqs or seqs[-1] == self._no_start:
             return None
         snap = self.snapshot
         try:
@@ -527,12 +529,15 @@ class ServingModel:
                 if seqs[-1] == self._chain:
                     return Update({}, {}, False, None, snap.watermark, "published")
                 versions = [self._version(s) for s in seqs if s > self._chain]
-                if all(v["rows"] is not None for v in versions) and _links(self._chain, versions):
+                if versions and all(v.get("rows") for v in versions) and _links(self._chain, versions):
                     return Update(_overlay({}, versions, self.tables), {}, False, versions[-1], versions[-1]["watermark"],
                                   "published", chain=seqs[-1])
-            return self._restart_published(seqs)
-        except FileNotFoundError:  # pruned while we read: next refresh
-            return None
+            up = self._restart_published(seqs)
+        except (FileNotFoundError, CheckpointError):  # pruned or damaged while we read: the checkpoint
+            up = None
+        if up is None:  # no start point for this version: look again only when a newer one is out
+            self._no_start = seqs[-1]
+        return up
 
     def _restart_published(self, seqs: list[int]) -> Update | None:
         """From the newest start point: walking back from the newest version along its
@@ -543,19 +548,22 @@ class ServingModel:
 
         store = checkpoint_store(self.paths.checkpoints)
         ckpts = store.list(on_refused=lambda e: None)
-        by_published = {int(c.meta["published"]): c for c in ckpts if "published" in c.meta}
+        by_published = {int(c.meta["published"]): c for c in ckpts if c.meta.get("published") is not None}
         present = set(seqs)
         chain: list[dict] = []
         cur = seqs[-1]
         while True:
             v = self._version(cur)
-            if v["rows"] is None:
+            if not v.get("rows"):  # a version of an older olrec: no rows in it
                 return None
             chain.insert(0, v)
             prev = v["rows"]["prev"]
-            if prev is None:  # the chain's start: its base
-                base = next((c for c in ckpts if c.seq == v["rows"]["base"]), None)
-                if v["rows"]["base"] and base is None:
+            if prev is None:  # the chain's start: its base, or a newer checkpoint made before its first version
+                b = v["rows"]["base"]
+                starts = [c for c in ckpts if c.seq == b or (c.meta.get("chain_base") == b and "published" in c.meta
+                                                             and c.meta["published"] is None)]
+                base = starts[-1] if starts else None
+                if b and base is None:
                     return None  # pruned
                 break
             if prev in by_published:

@@ -244,6 +244,11 @@ class RowChain:
 
     def pull(self) -> dict[str, Any]:
         got = self.store.deltas_many(self.since)
+        for t in self.tables:
+            if any(v < s for v, s in zip(got[t][2], self.since[t])):
+                # A shard restarted empty: its rows are gone, and the attempt must restore them.
+                raise RuntimeError(f"a parameter-server shard of table {t!r} went back from version "
+                                   f"{self.since[t]} to {got[t][2]}: it restarted; restoring from the checkpoint")
         self.since = {t: got[t][2] for t in self.tables}
         return {"base": self.base, "prev": self.prev, "tables": {t: (got[t][0], got[t][1]) for t in self.tables}}
 
@@ -616,12 +621,15 @@ def _worker(config: dict) -> None:
     latest = ckpts.latest(on_refused=on_refused)
     start = latest.watermark if latest else 0
     progress = _Progress()
+    chain: RowChain | None = None  # rank 0's: the rows changed, published with every dense version
     if rank == 0:
         # Shards may hold a failed attempt's updates: back to the checkpoint, or empty.
         if latest:
             store.restore(str(latest.path))
         else:
             store.reset()
+        # Rows changed from here on go out with the published versions: before any rank steps.
+        chain = RowChain(store, [t.name for t in learner_tables(job.spec, job.learner)], base=latest.seq if latest else 0)
         again = count_from(read_ledger(paths.ledger), start)
         if again:
             print(f"olrec: resuming at offset {start}; {again} events applied since are applied again", flush=True)
@@ -635,9 +643,6 @@ def _worker(config: dict) -> None:
         torch.distributed.barrier()  # no pull before the shards are restored
     sync: Any = TorchDenseSync(learner, tc.sync_every, device) if world > 1 else Solo()
     ledger = Ledger(paths.ledger, f"rank{rank}-{os.getpid()}-{time.time_ns()}")
-    # Rank 0 publishes the rows changed with every dense version, from the checkpoint it restored.
-    chain = RowChain(store, [t.name for t in learner_tables(job.spec, job.learner)],
-                     base=latest.seq if latest else 0) if rank == 0 else None
     keep_published = int(latest.meta.get("published", 0)) if latest else 0
     applied = Applied(start)
     log = EventLog(paths.log, create=False) if rank == 0 else None
@@ -730,13 +735,13 @@ def _worker(config: dict) -> None:
             o, p, y = progress.arrays()
             keep = o < applied.watermark
             staging = stage_checkpoint(ckpts, learner, (o[keep], p[keep], y[keep]))
-            # "published": the chain's version before it; a replica starting here replays those after.
+            # A replica starting here replays the versions after "published" (None: the whole
+            # chain, from its first version: it holds the rows changed since "chain_base").
             published = chain.prev  # type: ignore[union-attr]
-            if published is None:  # nothing yet in this chain: the next version starts it
-                published = int((latest_published(paths) or "0")[:12])
             ckpts.commit(staging, applied.watermark, {"events": int(learner.events), "workers": world,
-                                                      "shards": len(job.shards), "published": published})
-            keep_published = published
+                                                      "shards": len(job.shards), "published": published,
+                                                      "chain_base": chain.base})  # type: ignore[union-attr]
+            keep_published = published or keep_published
             storage.remove(paths.checkpoint_request)
         ledger.compact()
         last_ckpt, ckpt_events, ckpt_time = time.monotonic(), learner.events, time.time()
