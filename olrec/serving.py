@@ -584,9 +584,13 @@ class ServingModel:
         return up
 
     def _version(self, seq: int) -> dict:
-        from .train import read_published
+        """Version ``seq`` with the rows it changed (``["rows"]["tables"]``) when it carries them."""
+        from .train import read_published, read_published_rows
 
-        return read_published(self.paths, f"{seq:012d}.pt")
+        v = read_published(self.paths, f"{seq:012d}.pt")
+        if v.get("rows"):
+            v["rows"] = {**v["rows"], "tables": read_published_rows(self.paths, seq)}
+        return v
 
     def _read_checkpoint(self) -> Update:
         from .checkpoint import checkpoint_store

@@ -202,22 +202,40 @@ def publish_dense(paths: RunPaths, learner: OnlineLearner, watermark: int, *, ro
     Versions after ``keep_after`` (the newest checkpoint's last version: a replica
     starts from that checkpoint and replays them) stay; of older ones, the last
     :data:`KEEP_PUBLISHED`."""
-    buf = io.BytesIO()
-    torch.save({"watermark": int(watermark), "events": int(learner.events),
-                "model": learner.model.state_dict(), "blend": learner.blend.state_dict(),
-                "wide_dense": None if learner.wide is None else learner.wide.dense.copy(),
-                "total": learner.counters.total.copy(), "calibration": learner.calibration(),
-                "rows": None if rows is None else rows.pull()}, buf)
     names = published_versions(paths)
     seq = int(names[-1][:12]) + 1 if names else 1
     name = f"{seq:012d}.pt"
-    storage.write_bytes(storage.join(paths.published, name), buf.getvalue())
-    if rows is not None:
+    chain = None
+    if rows is not None:  # the rows in a file of their own, first: replicas that pull rows from the shards skip it
+        chain, tables = rows.pull()
+        storage.write_bytes(storage.join(paths.published, _rows_name(seq)), _saved(tables))
         rows.prev = seq
+    storage.write_bytes(storage.join(paths.published, name), _saved(
+        {"watermark": int(watermark), "events": int(learner.events),
+         "model": learner.model.state_dict(), "blend": learner.blend.state_dict(),
+         "wide_dense": None if learner.wide is None else learner.wide.dense.copy(),
+         "total": learner.counters.total.copy(), "calibration": learner.calibration(), "rows": chain}))
     for old in names[: max(0, len(names) + 1 - KEEP_PUBLISHED)]:
         if int(old[:12]) <= keep_after:
             storage.remove(storage.join(paths.published, old))
+            storage.remove(storage.join(paths.published, _rows_name(int(old[:12]))))
     return name
+
+
+def read_published_rows(paths: RunPaths, seq: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The rows version ``seq`` changed, per table (FileNotFoundError if pruned)."""
+    return torch.load(io.BytesIO(storage.read_bytes(storage.join(paths.published, _rows_name(seq)))),
+                      weights_only=False, map_location="cpu")
+
+
+def _rows_name(seq: int) -> str:
+    return f"{seq:012d}.rows.pt"
+
+
+def _saved(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 @dataclass
@@ -242,7 +260,8 @@ class RowChain:
         got = self.store.deltas_many({t: [np.iinfo(np.int64).max] * n for t in self.tables})
         self.since = {t: got[t][2] for t in self.tables}
 
-    def pull(self) -> dict[str, Any]:
+    def pull(self) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """The chain's link for the next version (``base``, ``prev``), and the rows changed since the last."""
         got = self.store.deltas_many(self.since)
         for t in self.tables:
             if any(v < s for v, s in zip(got[t][2], self.since[t])):
@@ -250,7 +269,7 @@ class RowChain:
                 raise RuntimeError(f"a parameter-server shard of table {t!r} went back from version "
                                    f"{self.since[t]} to {got[t][2]}: it restarted; restoring from the checkpoint")
         self.since = {t: got[t][2] for t in self.tables}
-        return {"base": self.base, "prev": self.prev, "tables": {t: (got[t][0], got[t][1]) for t in self.tables}}
+        return {"base": self.base, "prev": self.prev}, {t: (got[t][0], got[t][1]) for t in self.tables}
 
 
 # ---------------------------------------------------------------------------
