@@ -123,8 +123,11 @@ def read_bytes(loc: Location) -> bytes:
         raise FileNotFoundError(f"{where(loc)} does not exist") from None
 
 
-def write_bytes(loc: Location, data: bytes | pa.Buffer) -> None:
-    """Write a whole file that a reader sees whole or not at all (parents created)."""
+def write_bytes(loc: Location, data: bytes | pa.Buffer, *, durable: bool = True) -> None:
+    """Write a whole file that a reader sees whole or not at all (parents created).
+    ``durable``: on a local disk, fsync the file and its directory, so it survives a
+    machine crash; what is rewritten every report (metrics, published versions, ledger
+    parts) skips them: a process crash cannot tear it either way."""
     p = local_path(loc)
     if p is None:
         fs, path = filesystem(loc)
@@ -139,13 +142,15 @@ def write_bytes(loc: Location, data: bytes | pa.Buffer) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(p.parent)
+    if durable:
+        fsync_dir(p.parent)
 
 
 def exists(loc: Location) -> bool:

@@ -208,13 +208,13 @@ def publish_dense(paths: RunPaths, learner: OnlineLearner, watermark: int, *, ro
     chain = None
     if rows is not None:  # the rows in a file of their own, first: replicas that pull rows from the shards skip it
         chain, tables = rows.pull()
-        storage.write_bytes(storage.join(paths.published, _rows_name(seq)), _saved(tables))
+        storage.write_bytes(storage.join(paths.published, _rows_name(seq)), _saved(tables), durable=False)
         rows.prev = seq
     storage.write_bytes(storage.join(paths.published, name), _saved(
         {"watermark": int(watermark), "events": int(learner.events),
          "model": learner.model.state_dict(), "blend": learner.blend.state_dict(),
          "wide_dense": None if learner.wide is None else learner.wide.dense.copy(),
-         "total": learner.counters.total.copy(), "calibration": learner.calibration(), "rows": chain}))
+         "total": learner.counters.total.copy(), "calibration": learner.calibration(), "rows": chain}), durable=False)
     for old in names[: max(0, len(names) + 1 - KEEP_PUBLISHED)]:
         if int(old[:12]) <= keep_after:
             storage.remove(storage.join(paths.published, old))
@@ -349,7 +349,7 @@ class Ledger:
                 storage.remove(storage.join(self.directory, name))
 
     def _write(self, suffix: str, spans: np.ndarray) -> None:
-        storage.write_bytes(storage.join(self.directory, f"{self.writer}-{suffix}.bin"), spans.tobytes())
+        storage.write_bytes(storage.join(self.directory, f"{self.writer}-{suffix}.bin"), spans.tobytes(), durable=False)
 
 
 def _merge_array(spans: np.ndarray) -> np.ndarray:
@@ -809,7 +809,7 @@ def _worker(config: dict) -> None:
 
 
 def _write_json(path: Path | str, obj: dict) -> None:
-    storage.write_bytes(path, (json.dumps(obj, default=str) + "\n").encode())
+    storage.write_bytes(path, (json.dumps(obj, default=str) + "\n").encode(), durable=False)
 
 
 def learner_from_checkpoint(path: str | Path, spec: FeatureSpec, cfg: LearnerConfig) -> OnlineLearner:
