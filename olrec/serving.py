@@ -484,7 +484,7 @@ class ServingModel:
         return self._shards
 
     def _read_live(self, shards: list, published: str) -> Update:
-        from .train import latest_published, read_published
+        from .train import read_listed
 
         source = "live:" + ",".join(s._actor_id.hex()[:8] for s in shards)
         full = self.snapshot is None or self.snapshot.source != source or self._force_full
@@ -492,11 +492,7 @@ class ServingModel:
         # Dense weights and W first, rows after: the rows then hold every event below W.
         dense = None
         if full or published != self._published:
-            try:
-                dense = read_published(self.paths, published)
-            except FileNotFoundError:  # newer versions pruned it since the listing: take the newest
-                published = latest_published(self.paths) or published
-                dense = read_published(self.paths, published)
+            published, dense = read_listed(self.paths, published)
         watermark = dense["watermark"] if dense is not None else self.snapshot.watermark  # type: ignore[union-attr]
         since = {t: [-1] * len(shards) if full else self._versions[t] for t in self.tables}
         got = ShardedTables(shards).deltas_many(since)
@@ -849,7 +845,7 @@ class DenseWatcher:
         """The newest dense state of the run (``events``, ``model``, ``calibration``);
         read again only when the newest published version or checkpoint changed."""
         from .checkpoint import checkpoint_store
-        from .train import latest_published, read_published
+        from .train import latest_published, read_listed
 
         pub = latest_published(self.paths)
         ckpts = checkpoint_store(self.paths.checkpoints).list(on_refused=lambda e: None)
@@ -859,11 +855,10 @@ class DenseWatcher:
         best = None
         if pub is not None:
             try:
-                best = read_published(self.paths, pub)
-            except FileNotFoundError:  # pruned since the listing: the newest then
-                pub = latest_published(self.paths)
-                best = read_published(self.paths, pub) if pub is not None else None
-                key = (pub, key[1])
+                pub, best = read_listed(self.paths, pub)
+            except FileNotFoundError:  # published/ was emptied since the listing
+                pub = None
+            key = (pub, key[1])
         if ckpts and (best is None or int(ckpts[-1].meta.get("events", 0)) > int(best["events"])):
             best = torch.load(io.BytesIO(ckpts[-1].read("dense.pt")), weights_only=False, map_location="cpu")
         self._newest = (key, best)

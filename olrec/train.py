@@ -190,6 +190,18 @@ def read_published(paths: RunPaths, name: str) -> dict[str, Any]:
                       weights_only=False, map_location="cpu")
 
 
+def read_listed(paths: RunPaths, name: str) -> tuple[str, dict[str, Any]]:
+    """Version ``name`` as listed, or the newest one if newer versions pruned it since
+    (FileNotFoundError when there is none); with its name."""
+    try:
+        return name, read_published(paths, name)
+    except FileNotFoundError:
+        newest = latest_published(paths)
+        if newest is None:
+            raise
+        return newest, read_published(paths, newest)
+
+
 def publish_dense(paths: RunPaths, learner: OnlineLearner, watermark: int, *, rows: RowChain | None = None,
                   keep_after: int = 0) -> str:
     """The dense weights that match ``watermark``, for serving, as the next version. A new
