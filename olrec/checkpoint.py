@@ -505,11 +505,13 @@ class ObjectCheckpointStore(CheckpointStore):
         _check_files(ckpt, _hash_object)
 
     def _scan(self) -> list[tuple[int, str]]:  # type: ignore[override]
-        """``(seq, uri)`` of every complete checkpoint (a ``ckpt-*`` prefix with a manifest), by seq."""
+        """``(seq, uri)`` of every complete checkpoint (a ``ckpt-*`` prefix with a manifest), by seq:
+        one listing of the store (serving reads it at every refresh), not a request per checkpoint."""
         found = []
-        for name in storage.listdir(self.root):
-            if _NAME_RE.match(name) and storage.is_file(storage.join(self.root, name, MANIFEST)):
-                found.append((_seq_of(name), str(storage.join(self.root, name))))
+        for rel in storage.files_under(self.root):
+            top, _, rest = rel.partition("/")
+            if rest == MANIFEST and _NAME_RE.match(top):
+                found.append((_seq_of(top), str(storage.join(self.root, top))))
         return sorted(found)
 
     def _next_seq(self) -> int:
