@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from .schema import validate
+from . import storage
 from .storage import filesystem, fsync_dir, is_uri, local_path, mask_uri  # noqa: F401 (is_uri, mask_uri: olrec.log's API)
 
 OFFSET = "offset"
@@ -493,13 +494,11 @@ class _ObjectDir:
         """The URI for messages: credentials in it (``s3://key:secret@bucket``) masked."""
         return mask_uri(self.path)
 
-    def _list(self, sub: str = "") -> list[str]:
-        where = f"{self.base}/{sub}" if sub else self.base
-        infos = self.fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
-        return [i.base_name for i in infos]
+    def _at(self, *names: str) -> str:
+        return str(storage.join(self.path, *names))
 
     def names(self) -> list[str]:
-        return self._list()
+        return storage.listdir(self.path)
 
     def open_segment(self, name: str) -> pa.NativeFile:
         return self.fs.open_input_file(f"{self.base}/{name}")
@@ -515,15 +514,12 @@ class _ObjectDir:
     def _put(self, name: str, data: bytes | pa.Buffer) -> None:
         """One object, written only while this writer holds the lease."""
         self.check_lock()
-        out = self.fs.open_output_stream(f"{self.base}/{name}")
-        out.write(data)
-        out.close()
+        storage.write_bytes(self._at(*name.split("/")), data)
 
     # The lease: {"owner", "host", "pid", "renewed"} (seconds since the epoch, the writer's clock).
     def _read_lease(self) -> dict | None:
         try:
-            with self.fs.open_input_stream(f"{self.base}/{LEASE_FILE}") as f:
-                return json.loads(f.read())
+            return json.loads(storage.read_bytes(self._at(LEASE_FILE)))
         except FileNotFoundError:
             return None
         except json.JSONDecodeError:  # not a lease: nobody's (a store error propagates: the append fails)
@@ -531,8 +527,7 @@ class _ObjectDir:
 
     def _write_lease(self) -> None:
         lease = {"owner": self._owner, "host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()}
-        with self.fs.open_output_stream(f"{self.base}/{LEASE_FILE}") as out:
-            out.write(json.dumps(lease).encode())
+        storage.write_bytes(self._at(LEASE_FILE), json.dumps(lease).encode())
         self._renewed = time.monotonic()
 
     def lock(self) -> None:
@@ -568,10 +563,10 @@ class _ObjectDir:
         if owner is not None:
             held = self._read_lease()
             if held is not None and held.get("owner") == owner:
-                self.fs.delete_file(f"{self.base}/{LEASE_FILE}")
+                storage.remove(self._at(LEASE_FILE))
 
     def dead_count(self) -> int:
-        return sum(int(m[1]) for n in self._list(DEAD_LETTER_DIR) if (m := _DEAD_RE.match(n)))
+        return sum(int(m[1]) for n in storage.listdir(self._at(DEAD_LETTER_DIR)) if (m := _DEAD_RE.match(n)))
 
     def add_dead(self, lines: list[str], start: int) -> None:
         self._put(f"{DEAD_LETTER_DIR}/{start:020d}-{time.time_ns():020d}-{len(lines):08d}.jsonl",
@@ -579,9 +574,9 @@ class _ObjectDir:
 
     def dead_letters(self) -> list[dict]:
         out = []
-        for name in sorted(n for n in self._list(DEAD_LETTER_DIR) if _DEAD_RE.match(n)):
-            with self.fs.open_input_stream(f"{self.base}/{DEAD_LETTER_DIR}/{name}") as f:
-                out += [json.loads(line) for line in f.read().decode().splitlines() if line]
+        for name in sorted(n for n in storage.listdir(self._at(DEAD_LETTER_DIR)) if _DEAD_RE.match(n)):
+            text = storage.read_bytes(self._at(DEAD_LETTER_DIR, name)).decode()
+            out += [json.loads(line) for line in text.splitlines() if line]
         return out
 
 
