@@ -1,8 +1,8 @@
 """Collisionless id → row mapping.
 
 :class:`IdMap` is an open-addressing hash table (linear probing) over int64
-keys, vectorised with numpy so a batch of ids costs a few array passes rather
-than a Python loop. Every distinct key gets its own row: probing compares the
+keys: lookups are one compiled loop over a batch of ids (numba), inserts a
+few numpy array passes. Every distinct key gets its own row: probing compares the
 stored key, so two ids never share a row (unlike hashing ids into a fixed-size
 table).
 
@@ -15,11 +15,12 @@ map's key array as its own (:attr:`IdMap.by_index`) rather than keep a copy.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pandas as pd
 
 EMPTY = np.iinfo(np.int64).min  # reserved: never a valid key
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: Fibonacci hashing (IdMap slots, cross keys)
 
 
 def hash_strings(values: np.ndarray) -> np.ndarray:
@@ -67,6 +68,27 @@ def grown(need: int) -> int:
     return need + max(16, need // 2 if need < 1 << 16 else need // 4)
 
 
+@numba.njit(cache=False, nogil=True)
+def _probe(keys, slots, by_index, bits):
+    """:meth:`IdMap._find`, compiled: per key, walk from its home slot (as
+    :meth:`IdMap._home` hashes it) to the slot holding it or to an empty one,
+    and return the index there (0: absent).
+    A loop per key: numpy passes would take one pass per probe step, and a
+    batch's longest probe path sets their count."""
+    mask = len(slots) - 1
+    shift = np.uint64(64 - bits)
+    out = np.empty(len(keys), np.int64)
+    for j in range(len(keys)):
+        k = keys[j]
+        s = np.int64((np.uint64(k) * GOLDEN) >> shift)
+        i = np.int64(slots[s])
+        while i != 0 and by_index[i] != k:
+            s = (s + 1) & mask
+            i = np.int64(slots[s])
+        out[j] = i
+    return out
+
+
 class IdMap:
     """int64 key → row index in [0, size), assigned in first-seen order.
 
@@ -110,35 +132,22 @@ class IdMap:
     def _home(self, keys: np.ndarray) -> np.ndarray:
         # Fibonacci hashing: the high bits of key * golden ratio spread
         # sequential ids evenly over the slots.
-        h = keys.view(np.uint64) * _GOLDEN  # array integer overflow wraps, silently
+        h = keys.view(np.uint64) * GOLDEN  # array integer overflow wraps, silently
         return (h >> np.uint64(64 - self._bits)).astype(np.int64)
 
-    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For 1-D ``keys`` (duplicates allowed): the slot holding each key, or
-        the first empty slot on its probe path, and that slot's index (0: absent)."""
-        slots = self._home(keys)
-        idx = self._slots[slots]
-        # most keys settle at their home slot: probe on only the others
-        pending = np.flatnonzero((self._keys[idx] != keys) & (idx != 0))
-        mask = len(self._slots) - 1
-        while pending.size:
-            s = (slots[pending] + 1) & mask
-            slots[pending] = s
-            i = self._slots[s]
-            idx[pending] = i
-            pending = pending[(self._keys[i] != keys[pending]) & (i != 0)]
-        return slots, idx
+    def _find(self, keys: np.ndarray) -> np.ndarray:
+        """For 1-D ``keys`` (duplicates allowed): each key's index (0: absent)."""
+        return _probe(keys, self._slots, self._keys, self._bits)
 
     def index(self, keys: np.ndarray) -> np.ndarray:
         """Indices (row + 1) for ``keys`` (any shape, duplicates allowed); 0 where absent."""
         keys = np.asarray(keys, np.int64)
-        _, idx = self._find(keys.ravel())
-        return idx.astype(np.int64, copy=False).reshape(keys.shape)
+        return self._find(keys.ravel()).reshape(keys.shape)
 
     def get(self, keys: np.ndarray) -> np.ndarray:
         """Rows for ``keys`` (any shape, duplicates allowed); -1 where absent."""
         keys = np.asarray(keys, np.int64)
-        _, idx = self._find(keys.ravel())  # probing handles duplicates; no sort needed
+        idx = self._find(keys.ravel())  # probing handles duplicates; no sort needed
         return np.subtract(idx, 1, dtype=np.int64).reshape(keys.shape)
 
     def insert(self, keys: np.ndarray, unique: bool = False) -> np.ndarray:
@@ -148,7 +157,7 @@ class IdMap:
         if (keys == EMPTY).any():
             raise ValueError(f"id {EMPTY} is reserved and cannot be stored")
         flat = keys.ravel()
-        _, idx = self._find(flat)
+        idx = self._find(flat)
         rows = np.subtract(idx, 1, dtype=np.int64)
         absent = np.flatnonzero(idx == 0)
         if absent.size and unique:
