@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .embedding import EmbeddingTable, TableConfig
-from .ids import hash_strings, tag_keys
+from .ids import GOLDEN, hash_strings, tag_keys
 from .ps import Fetch, LocalStore, Store
 from .schema import MULTI_SEP, RESERVED
 
@@ -268,9 +268,10 @@ def counter_keys(batch: Batch, key: str) -> tuple[np.ndarray, np.ndarray]:
         if len(ev) != len(idx):  # make the first part the single-valued one
             k, ev, k2, ev2 = k2, ev2, k, ev
         # Mix the two ids into one int64 key; ids stay in their own table, so
-        # only crosses of the same pair can meet.
-        with np.errstate(over="ignore"):
-            k = (k[ev2].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ k2.astype(np.uint64)).astype(np.int64)
+        # only crosses of the same pair can meet. (Array integer overflow wraps
+        # silently: no errstate needed, whose set and reset cost more than this.)
+        k1 = np.asarray(k, np.int64)[ev2].view(np.uint64)
+        k = (k1 * GOLDEN ^ np.asarray(k2, np.int64).view(np.uint64)).view(np.int64)
         ev = ev2
     if any(p in batch.multi for p in parts) and len(k) > 1:
         # A value repeated inside one event ("Drama|Drama") would make the
@@ -345,8 +346,8 @@ class Counters:
         g = Groups(k)
         return (k, ev, spans, g), Fetch(self.TABLE, g.uniq, unique=True)
 
-    def features(self, batch: Batch, online: bool, prefetched: tuple | None = None) -> tuple[np.ndarray, tuple]:
-        """Features (B, width) float32 and the update to apply once the batch is learned.
+    def features(self, batch: Batch, online: bool, prefetched: tuple | None = None) -> tuple[np.ndarray, tuple | None]:
+        """Features (B, width) float32 and (``online``) the update to apply once the batch is learned.
 
         Per key: logit of the smoothed positive rate, log1p(count), mean
         residual; then the moving averages; last, the logit of the global
@@ -389,27 +390,29 @@ class Counters:
             out[:, 3 * j] = _logit(rate[key])
             out[:, 3 * j + 1] = np.log1p(cnt[key])
             out[:, 3 * j + 2] = np.bincount(ev[sp], state[sp, 2], minlength=n) / (cnt[key] + a)
-        delta = [g.total(np.stack([np.ones(len(k)), y[ev], resid], 1))]
+        delta = [g.total(np.stack([np.ones(len(k)), y[ev], resid], 1))] if online else []
         if self.n_avg:
             # Moving averages only over the keys that have them (often the user alone).
             with_avg = [(key, sp) for key, sp in zip(self.keys, spans) if self.alphas[key]]
             sub = np.concatenate([np.arange(sp.start, sp.stop) for _, sp in with_avg])
-            g2 = Groups(k[sub])
-            at_u = np.searchsorted(g.uniq, g2.uniq)  # g2's keys among g's (both sorted)
-            alphas = np.full((len(sub), self.n_avg), 0.5)  # unused columns get 0.5, never read
             pos, sub_spans = 0, []
             for key, sp in with_avg:
-                m = sp.stop - sp.start
-                alphas[pos : pos + m, : len(self.alphas[key])] = self.alphas[key]
-                sub_spans.append((key, slice(pos, pos + m)))
-                pos += m
-            stored_avg = stored[at_u, self.DIM :]
+                sub_spans.append((key, slice(pos, pos + sp.stop - sp.start)))
+                pos += sp.stop - sp.start
             # A key never seen (count 0) starts its averages at the global rate.
-            start = np.where((stored[at_u, 0] > 0)[:, None], stored_avg, prior[0] if n else 0.5)
+            unseen = prior[0] if n else 0.5
             if online:
+                g2 = Groups(k[sub])
+                at_u = np.searchsorted(g.uniq, g2.uniq)  # g2's keys among g's (both sorted)
+                alphas = np.full((len(sub), self.n_avg), 0.5)  # unused columns get 0.5, never read
+                for key, sp in sub_spans:
+                    alphas[sp, : len(self.alphas[key])] = self.alphas[key]
+                stored_avg = stored[at_u, self.DIM :]
+                start = np.where((stored[at_u, 0] > 0)[:, None], stored_avg, unseen)
                 before, after = g2.ewma(y[ev[sub]], start, alphas)
-            else:
-                before, after = start[g2.inverse], start
+            else:  # each key's stored averages as they are
+                at_k = stored[g.inverse[sub]]
+                before = np.where((at_k[:, 0] > 0)[:, None], at_k[:, self.DIM :], unseen)
             col = self.DIM * len(self.keys)
             cols = {}
             for key, sp in sub_spans:
@@ -420,11 +423,12 @@ class Counters:
             for key, alpha in self.spec.recency:
                 out[:, col] = cols[(key, alpha)]
                 col += 1
-            avg_delta = np.zeros((len(g.uniq), self.n_avg))
-            avg_delta[at_u] = after - stored_avg
-            delta.append(avg_delta)
+            if online:
+                avg_delta = np.zeros((len(g.uniq), self.n_avg))
+                avg_delta[at_u] = after - stored_avg
+                delta.append(avg_delta)
         out[:, -1] = _logit(prior)
-        return out, (pulled, np.concatenate(delta, 1).astype(np.float32))
+        return out, (pulled, np.concatenate(delta, 1).astype(np.float32)) if online else None
 
     def update(self, batch: Batch, update: tuple, event: int = 0) -> None:
         """Apply the update that :meth:`features` returned for this batch."""

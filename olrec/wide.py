@@ -46,20 +46,32 @@ def _weight(z: float, n: float, alpha: float, beta: float, l1: float, l2: float)
 
 
 @numba.njit(cache=False, nogil=True)
+def _dense_logit(x, j, zn_dense, alpha, beta, l1, l2):
+    """Event j's logit from the numeric inputs ``x[j]`` and the bias (the last dense weight)."""
+    m = x.shape[1]
+    s = _weight(zn_dense[m, 0], zn_dense[m, 1], alpha, beta, l1, l2)
+    for k in range(m):
+        s += _weight(zn_dense[k, 0], zn_dense[k, 1], alpha, beta, l1, l2) * x[j, k]
+    return s
+
+
+@numba.njit(cache=False, nogil=True)
+def _sigmoid(s):
+    return 1.0 / (1.0 + np.exp(-min(max(s, -35.0), 35.0)))
+
+
+@numba.njit(cache=False, nogil=True)
 def _ftrl_pass(ptr, idx, x, y, zn, zn_dense, alpha, beta, l1, l2, learn, out):
     """Per event: predict from the current weights, then (if ``learn``) update them.
     ``idx[ptr[j]:ptr[j+1]]`` are event j's rows in ``zn``; ``x`` its numeric inputs
     (the last dense weight is the bias)."""
     b, m = x.shape
     for j in range(b):
-        s = _weight(zn_dense[m, 0], zn_dense[m, 1], alpha, beta, l1, l2)
-        for k in range(m):
-            s += _weight(zn_dense[k, 0], zn_dense[k, 1], alpha, beta, l1, l2) * x[j, k]
+        s = _dense_logit(x, j, zn_dense, alpha, beta, l1, l2)
         for t in range(ptr[j], ptr[j + 1]):
             i = idx[t]
             s += _weight(zn[i, 0], zn[i, 1], alpha, beta, l1, l2)
-        s = min(max(s, -35.0), 35.0)
-        p = 1.0 / (1.0 + np.exp(-s))
+        p = _sigmoid(s)
         out[j] = p
         if not learn:
             continue
@@ -78,6 +90,20 @@ def _ftrl_pass(ptr, idx, x, y, zn, zn_dense, alpha, beta, l1, l2, learn, out):
             zn[i, 1] = n + g * g
 
 
+@numba.njit(cache=False, nogil=True)
+def _ftrl_scores(ev, idx, x, zn, zn_dense, alpha, beta, l1, l2, out):
+    """What :func:`_ftrl_pass` predicts without learning, for keys in any event
+    order: key t of event ``ev[t]`` has row ``idx[t]`` in ``zn``. An event's keys
+    are summed in their order here, as the pass sums them, so scores are equal."""
+    for j in range(len(out)):
+        out[j] = _dense_logit(x, j, zn_dense, alpha, beta, l1, l2)
+    for t in range(len(ev)):
+        i = idx[t]
+        out[ev[t]] += _weight(zn[i, 0], zn[i, 1], alpha, beta, l1, l2)
+    for j in range(len(out)):
+        out[j] = _sigmoid(out[j])
+
+
 class Wide:
     """Per-event FTRL over ``n_numeric`` inputs, every sparse field's ids and ``spec.crosses``."""
 
@@ -91,6 +117,8 @@ class Wide:
         # Compile now (start-up), not inside the first batch.
         self._pass(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, n_numeric)), np.zeros(0),
                    np.zeros((1, 2)), self.dense.copy(), learn=True)
+        _ftrl_scores(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, n_numeric)), np.zeros((1, 2)),
+                     self.dense, ftrl.alpha, ftrl.beta, ftrl.l1, ftrl.l2, np.zeros(0))
 
     @classmethod
     def table_config(cls, ttl_events: int | None = None) -> TableConfig:
@@ -138,7 +166,11 @@ class Wide:
         return p
 
     def predict(self, batch: Batch, x: np.ndarray) -> np.ndarray:
-        keys, ptr = self.keys(batch)
+        """Probabilities from the stored weights, learning nothing (keys left in
+        field order: no sort into event order, as :meth:`keys` does for learning)."""
+        keys, ev, _ = tagged_keys(batch, (*self.spec.sparse_fields, *self.spec.crosses))
         pulled = self.store.fetch(self.TABLE, keys)
-        zn = pulled.weights.astype(np.float64)
-        return self._pass(ptr, pulled.inverse.astype(np.int64), x, batch.label, zn, self.dense.copy(), learn=False)
+        f, out = self.ftrl, np.empty(len(batch))
+        _ftrl_scores(ev, pulled.inverse.astype(np.int64), np.ascontiguousarray(x, np.float64),
+                     pulled.weights.astype(np.float64), self.dense, f.alpha, f.beta, f.l1, f.l2, out)
+        return out

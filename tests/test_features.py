@@ -231,6 +231,20 @@ def test_frozen_features_ignore_all_batch_labels(seed, n):
     np.testing.assert_array_equal(f[0], f[2])
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30))
+def test_frozen_features_are_each_event_scored_alone_online(seed, n):
+    """The frozen path reads each key's stored state directly; online, an event
+    alone in its batch sees exactly that state too (no earlier events to add)."""
+    rng = np.random.default_rng(seed)
+    c = _warm_counters(rng)
+    b = encode(random_events(rng, n), SPEC)
+    frozen, update = c.features(b, online=False)
+    assert update is None  # nothing to learn from a frozen read
+    alone = np.concatenate([c.features(b.slice(j, j + 1), online=True)[0] for j in range(n)])
+    np.testing.assert_allclose(frozen, alone, rtol=1e-6, atol=1e-6)
+
+
 def test_update_makes_next_batch_see_the_counts():
     c = Counters(SPEC)
     a = SPEC.prior_strength
