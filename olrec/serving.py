@@ -171,12 +171,11 @@ class MirrorStore:
 
     def fetch(self, table: str, keys: np.ndarray, *, observe: bool = False, ts: float = 0.0,
               event: int = 0, unique: bool = False) -> Pulled:
+        # A row per key asked for, repeats included: a request's keys repeat (the
+        # user's fields on every candidate), but hashing each is cheaper than
+        # deduplicating them first, and nothing is pushed back to these rows.
         m = self.mirrors[table]
-        if unique:  # one row per key asked for, as the caller's arrays expect
-            return Pulled(m.gather(m.rows(keys)), np.arange(len(keys)), np.asarray(keys, np.int64), None)
-        # A request's keys repeat (the user's fields on every candidate): look each up once.
-        uniq, inv = np.unique(keys, return_inverse=True)
-        return Pulled(m.gather(m.rows(uniq)), inv.ravel(), None, None)
+        return Pulled(m.gather(m.rows(keys)), np.arange(len(keys)), np.asarray(keys, np.int64) if unique else None, None)
 
     def fetch_many(self, requests: Sequence[Fetch]) -> list[Pulled]:
         return [self.fetch(r.table, r.keys, unique=r.unique) for r in requests]
@@ -690,8 +689,9 @@ class ServingModel:
         d = self.lcfg.dim
         u = m.gather(row)[0]
         score = vecs[:, :d] @ u[:d] + vecs[:, d]
-        if drop:
-            score[np.isin(ids, np.fromiter(drop, np.int64, len(drop)))] = -np.inf
+        if drop:  # ids are the catalog's items in row order
+            rows = self.catalog.items.get(np.fromiter(drop, np.int64, len(drop)))
+            score[rows[rows >= 0]] = -np.inf
         n = min(n, int(np.isfinite(score).sum()))
         top = np.argpartition(-score, n - 1)[:n] if n else np.zeros(0, np.int64)
         return ids[top], True
