@@ -11,7 +11,7 @@ never enters its features.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -121,6 +121,9 @@ class Batch:
     label: np.ndarray  # (B,) float32
     ts: np.ndarray  # (B,) float64
     weight: np.ndarray  # (B,) float32
+    #: :func:`counter_keys` per field or cross, made once: the counters and the
+    #: wide part both read the user's, the item's and the crosses' keys.
+    derived: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -252,7 +255,15 @@ class Groups:
 def counter_keys(batch: Batch, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Keys of one field or cross (``"user_id*genres"``), flat, with the event
     index of each (a multi field, or a cross with one, gives several keys per
-    event; a value repeated within an event counts once)."""
+    event; a value repeated within an event counts once). Made once per batch
+    and shared (a single field's keys are the batch's own array): do not modify."""
+    got = batch.derived.get(key)
+    if got is None:
+        got = batch.derived[key] = _counter_keys(batch, key)
+    return got
+
+
+def _counter_keys(batch: Batch, key: str) -> tuple[np.ndarray, np.ndarray]:
     parts = key.split("*")
     idx = np.arange(len(batch))
 
