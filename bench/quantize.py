@@ -41,7 +41,7 @@ from olrec.sources import read_ml100k
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TOWERS = [(32,), (128, 64), (256, 128)]
+TOWERS = [(32,), (256, 128), (512, 256)]
 
 
 class _Reader(CalibrationDataReader):

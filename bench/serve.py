@@ -1,13 +1,14 @@
 """Serving throughput and latency: olrec's Serve app against a bare Serve gRPC app, in one run.
 
     python bench/serve.py [--data ../shared/data/ml-100k] [--replicas 1] [--replica-cpus 1.0]
-                          [--concurrency 8] [--rate 50] [--duration 20] [--hidden 256,128] [--json out.json]
+                          [--concurrency 8] [--rate 50] [--duration 20] [--rounds 4]
+                          [--hidden 512,256] [--json out.json]
 
 A run directory is trained in process on the first ``--train-events`` events
 of MovieLens-100K (a checkpoint: serving-only mode, the whole 1,682-item
 catalog). One local Ray cluster and one Serve instance; each system is
-deployed as its own app with the same replicas and CPUs, measured, and
-deleted before the next, so none shares CPUs with another:
+deployed as its own app with the same replicas and CPUs, all at once, and
+loaded one at a time (an idle app costs next to no CPU):
 
 - ``echo``: a bare Serve gRPC deployment answering Recommend with an empty
   response (the floor: gRPC proxy, routing, one replica call);
@@ -15,7 +16,10 @@ deleted before the next, so none shares CPUs with another:
   tower in a local Triton (its own run directory each, so versions never mix);
 - ``olrec-inprocess``: the fp32 tower in the replica.
 
-Per system: closed loop (``--concurrency`` clients back to back, rps), open
+Per system: closed loop (``--concurrency`` clients back to back, rps; in
+``--rounds`` rounds with the systems in turn within each, so that a drift in
+this shared machine's load hits all of them alike: rps is the median round,
+and its ratio to echo the median of the rounds' ratios), open
 loop (``--rate`` requests/s on schedule, latency from the scheduled send:
 p50, p99), sequential Recommend latency through Serve, and the replica-side
 time of the same Recommend (the app's Recommender class called in this
@@ -56,7 +60,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from contextlib import ExitStack  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 from typing import Any, Awaitable, Callable  # noqa: E402
 
 import grpc  # noqa: E402
@@ -105,13 +109,15 @@ class _Context:
 @dataclass
 class Result:
     system: str
-    rps: float = math.nan
+    rps: float = math.nan  # median over the rounds
     concurrency: int = 0
     p50_ms: float = math.nan
     p99_ms: float = math.nan
     rate: float = 0.0
     errors: int = 0
     # printed, not in the JSON
+    rps_rounds: list[float] = field(default_factory=list)  # closed-loop requests/s per round
+    vs_echo: float = math.nan  # median over the rounds of rps / echo's rps in the same round
     closed_errors: int = 0
     open_errors: int = 0
     client_cpu: float = math.nan  # this process's CPU seconds per second in the closed loop (the load generator)
@@ -333,34 +339,52 @@ def percentile_ms(lat: list[float], q: float) -> float:
     return float(np.percentile(lat, q)) * 1e3 if lat else math.nan
 
 
-async def measure(name: str, app: serve.Application, port: int, users: np.ndarray, args: argparse.Namespace,
-                  batch: tuple[int, np.ndarray], ready: Callable[[Load], Awaitable[Any]]) -> Result:
-    """Deploy ``app`` as ``name``, load it, delete it."""
+async def deploy(name: str, app: serve.Application, port: int, users: np.ndarray,
+                 ready: Callable[[Load], Awaitable[Any]]) -> Load:
+    """Deploy ``app`` as ``name``; its client once it answers."""
     serve.run(app, name=name, route_prefix=f"/{name}")
     load = Load(port, name, users)
-    res = Result(name, concurrency=args.concurrency, rate=args.rate)
-    try:
-        await wait_ok(lambda: ready(load), 180, name)
+    await wait_ok(lambda: ready(load), 180, name)
+    return load
+
+
+async def closed_rounds(loads: dict[str, Load], results: dict[str, Result], args: argparse.Namespace) -> None:
+    """The closed loop in ``args.rounds`` rounds, each system in turn within a
+    round: a drift in this shared machine's load hits every system alike, and
+    each round gives each system's rps beside echo's."""
+    part = args.duration / args.rounds
+    cpu = dict.fromkeys(loads, 0.0)
+    for name, load in loads.items():
         await load.closed(args.concurrency, args.warmup)
-        cpu = time.process_time()
-        ok, res.closed_errors = await load.closed(args.concurrency, args.duration)
-        res.client_cpu = (time.process_time() - cpu) / args.duration
-        res.rps = ok / args.duration
-        lat, res.open_errors = await load.open(args.rate, args.duration)
-        res.p50_ms, res.p99_ms = percentile_ms(lat, 50), percentile_ms(lat, 99)
-        res.errors = res.closed_errors + res.open_errors
-        res.seq_ms = await load.sequential(load.call, args.seq_calls) * 1e3
-        if name != "echo":
-            user, items = batch
-            score = pb.ScoreRequest(user_id=user, item_ids=items.tolist())
-            res.score_ms = await load.sequential(
-                lambda: load.stub.Score(score, metadata=load.md, timeout=TIMEOUT_S), args.seq_calls) * 1e3
-    finally:
-        await load.close()
-        serve.delete(name)
-    print(f"  {name}: {res.rps:,.0f} rps at {args.concurrency}, p99 {res.p99_ms:.1f} ms at {args.rate:g}/s, "
-          f"errors {res.errors}", flush=True)
-    return res
+    for _ in range(args.rounds):
+        for name, load in loads.items():
+            await load.closed(args.concurrency, 1.0)  # settle after the switch from the other system
+            t = time.process_time()
+            ok, errors = await load.closed(args.concurrency, part)
+            cpu[name] += time.process_time() - t
+            results[name].rps_rounds.append(ok / part)
+            results[name].closed_errors += errors
+    echo = results["echo"].rps_rounds if "echo" in results else None
+    for name, res in results.items():
+        res.rps = statistics.median(res.rps_rounds)
+        res.client_cpu = cpu[name] / args.duration
+        if echo:
+            res.vs_echo = statistics.median(r / e for r, e in zip(res.rps_rounds, echo))
+
+
+async def latencies(name: str, load: Load, res: Result, args: argparse.Namespace, batch: tuple[int, np.ndarray]) -> None:
+    """Open loop at ``args.rate``, then one call at a time (Recommend, and Score of the 100-candidate batch)."""
+    lat, res.open_errors = await load.open(args.rate, args.duration)
+    res.p50_ms, res.p99_ms = percentile_ms(lat, 50), percentile_ms(lat, 99)
+    res.errors = res.closed_errors + res.open_errors
+    res.seq_ms = await load.sequential(load.call, args.seq_calls) * 1e3
+    if name != "echo":
+        user, items = batch
+        score = pb.ScoreRequest(user_id=user, item_ids=items.tolist())
+        res.score_ms = await load.sequential(
+            lambda: load.stub.Score(score, metadata=load.md, timeout=TIMEOUT_S), args.seq_calls) * 1e3
+    print(f"  {name}: {res.rps:,.0f} rps at {args.concurrency} ({res.vs_echo:.2f}x echo), p99 {res.p99_ms:.1f} ms "
+          f"at {args.rate:g}/s, errors {res.errors}", flush=True)
 
 
 async def run_systems(args: argparse.Namespace, runs: dict[str, Path], users: np.ndarray, port: int,
@@ -381,39 +405,47 @@ async def run_systems(args: argparse.Namespace, runs: dict[str, Path], users: np
         r = await load.stub.Score(pb.ScoreRequest(user_id=user, item_ids=[1]), metadata=load.md, timeout=5)
         assert r.scorer == scorer, r
 
-    results: list[Result] = []
+    apps: dict[str, tuple[serve.Application, Callable[[Load], Awaitable[Any]]]] = {}
+    configs: dict[str, ServeConfig] = {}
     tritons: dict[str, str] = {}
     for name in args.systems:
         if name == "echo":
             echo = Echo.options(**{k: v for k, v in options.items() if k != "autoscaling_config"}).bind()
-            results.append(await measure(name, echo, port, users, args, (user, items),
-                                         lambda load: load.stub.Recommend(pb.RecommendRequest(), metadata=load.md,
-                                                                          timeout=5)))
+            apps[name] = (echo, lambda load: load.stub.Recommend(pb.RecommendRequest(), metadata=load.md, timeout=5))
         elif name == "olrec-inprocess":
-            cfg = ServeConfig(run_dir=str(runs["base"]), scorer="in_process")
-            res = await measure(name, application(cfg, **options), port, users, args, (user, items), recommends)
-            await replica_side(cfg, users, args.seq_calls, res)
-            results.append(res)
+            configs[name] = ServeConfig(run_dir=str(runs["base"]), scorer="in_process")
+            apps[name] = (application(configs[name], **options), recommends)
         else:
             precision = name.removeprefix("olrec-")
             run = runs[precision]
             (run / "triton" / "local").mkdir(parents=True)
             # No model at start: the app's DensePublisher publishes the run's tower and has Triton load it.
             triton = TritonServer(run / "triton" / "local", models=(), log_path=run / "tritonserver.log")
-            # It stays up (idle) after its app is gone: the int8 and fp32 Tritons are timed at the end, side by side.
-            stack.enter_context(triton)
+            stack.enter_context(triton)  # up until the end: the int8 and fp32 Tritons are timed side by side
             tritons[name] = triton.url
-            cfg = ServeConfig(run_dir=str(run), scorer="triton", precision=precision, triton_url=triton.url)
+            configs[name] = ServeConfig(run_dir=str(run), scorer="triton", precision=precision, triton_url=triton.url)
             scorer = pb.SCORER_TRITON_INT8 if precision == "int8" else pb.SCORER_TRITON_FP32
-            res = await measure(name, application(cfg, **options), port, users, args, (user, items),
-                                lambda load: scores(load, scorer))
-            await replica_side(cfg, users, args.seq_calls, res)
-            results.append(res)
+            apps[name] = (application(configs[name], **options), lambda load, s=scorer: scores(load, s))
+    # Every app deployed at once, loaded one at a time: an idle app costs next to no CPU.
+    loads: dict[str, Load] = {}
+    results = {name: Result(name, concurrency=args.concurrency, rate=args.rate) for name in apps}
+    try:
+        for name, (app, ready) in apps.items():
+            loads[name] = await deploy(name, app, port, users, ready)
+        await closed_rounds(loads, results, args)
+        for name, load in loads.items():
+            await latencies(name, load, results[name], args, (user, items))
+    finally:
+        for name, load in loads.items():
+            await load.close()
+            serve.delete(name)
+    for name, cfg in configs.items():
+        await replica_side(cfg, users, args.seq_calls, results[name])
     if tritons:
         times = await triton_compute_ms(tritons, emb, num, args.triton_calls)
-        for r in results:
+        for r in results.values():
             r.triton_ms = times.get(r.system, math.nan)
-    return results
+    return list(results.values())
 
 
 def table(results: list[Result], cmp: dict, ort: dict[str, float], args: argparse.Namespace) -> str:
@@ -421,7 +453,8 @@ def table(results: list[Result], cmp: dict, ort: dict[str, float], args: argpars
         return "-" if math.isnan(x) else f"{x:,.{p}f}"
 
     columns: list[tuple[str, Callable[[Result], str]]] = [
-        (f"rps@{args.concurrency}", lambda r: f(r.rps, 0)), ("err", lambda r: str(r.closed_errors)),
+        (f"rps@{args.concurrency}", lambda r: f(r.rps, 0)), ("vs echo", lambda r: f(r.vs_echo, 2)),
+        ("err", lambda r: str(r.closed_errors)),
         ("client", lambda r: f(r.client_cpu * 100, 0) + "%"), ("p50 ms", lambda r: f(r.p50_ms)),
         ("p99 ms", lambda r: f(r.p99_ms)), ("err", lambda r: str(r.open_errors)), ("seq ms", lambda r: f(r.seq_ms, 2)),
         ("replica", lambda r: f(r.replica_ms, 2)), ("retr", lambda r: f(r.retrieve_ms, 2)),
@@ -429,11 +462,13 @@ def table(results: list[Result], cmp: dict, ort: dict[str, float], args: argpars
         ("overhead", lambda r: f(r.seq_ms - r.replica_ms, 2)), ("Score100", lambda r: f(r.score_ms, 2)),
         ("triton", lambda r: f(r.triton_ms, 3))]
     head = f"{'system':<16}" + "".join(f" {c:>8}" for c, _ in columns)
-    lines = [f"closed loop: {args.concurrency} clients; open loop: {args.rate:g} req/s; {args.duration:g} s each; "
+    lines = [f"closed loop: {args.concurrency} clients, {args.rounds} rounds of {args.duration / args.rounds:g} s per "
+             f"system, interleaved; open loop: {args.rate:g} req/s for {args.duration:g} s; "
              f"{args.replicas} replica(s) x {args.replica_cpus:g} CPU; tower hidden={args.hidden_sizes}",
              head, "-" * len(head)]
     lines += [f"{r.system:<16}" + "".join(f" {cell(r):>8}" for _, cell in columns) for r in results]
-    lines.append("(client: this process's CPU in the closed loop, % of a core; seq ms: one Recommend at a time "
+    lines.append("(rps@N: median over the rounds; vs echo: median of each round's ratio to echo's rps;\n"
+                 " client: this process's CPU in the closed loop, % of a core; seq ms: one Recommend at a time "
                  "through Serve;\n replica: the same Recommend run in this process without Serve, and its parts "
                  "retrieve, inputs, tower;\n overhead = seq - replica: gRPC, proxy, Serve; Score100: Score of 100 "
                  "candidates through Serve;\n triton: Triton's compute_infer per execution for those 100; "
@@ -450,7 +485,7 @@ def table(results: list[Result], cmp: dict, ort: dict[str, float], args: argpars
 
     lines.append("targets:")
     if "echo" in by and "olrec-int8" in by:
-        ratio = by["olrec-int8"].rps / by["echo"].rps
+        ratio = by["olrec-int8"].vs_echo
         lines.append(target("olrec-int8 rps / echo rps (>= 0.5)", ratio, ratio >= 0.5, ".2f"))
     if "olrec-int8" in by:
         p99 = by["olrec-int8"].p99_ms
@@ -468,11 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replica-cpus", type=float, default=1.0)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rate", type=float, default=50.0, help="open-loop requests/s")
-    ap.add_argument("--duration", type=float, default=20.0, help="seconds of each loop")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of each loop, per system")
+    ap.add_argument("--rounds", type=int, default=4, help="closed-loop rounds, systems interleaved (default 4)")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of closed loop before measuring")
     ap.add_argument("--seq-calls", type=int, default=200, help="sequential calls per median latency")
     ap.add_argument("--triton-calls", type=int, default=500)
-    ap.add_argument("--hidden", default=None, help="the dense tower's hidden sizes, e.g. 256,128 "
+    ap.add_argument("--hidden", default=None, help="the dense tower's hidden sizes, e.g. 512,256 "
                                                    f"(default LearnerConfig's {LearnerConfig().hidden})")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset (default all)")
     ap.add_argument("--json", type=Path, help="write the records here as a JSON list")
@@ -515,11 +551,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained on {args.train_events:,} events ({model.catalog.items.size:,} items, {len(users):,} users), "
               f"AUC check: {time.time() - t0:.1f} s", flush=True)
 
-        # Logical CPUs: the replicas' (every other deployment asks for 0), at
-        # least 2 as in the tests: overcommitted on this 2-core machine. Ray and
+        # Logical CPUs: every app's replicas (every other deployment asks for 0;
+        # all apps are up at once, one loaded at a time), at least 2 as in the
+        # tests: overcommitted on this 2-core machine. Ray and
         # Serve settings: olrec's (olrec/rayenv.py), as `olrec serve` starts a cluster.
         apply_env()
-        ray.init(address="local", num_cpus=max(2, math.ceil(args.replicas * args.replica_cpus)),
+        ray.init(address="local", num_cpus=max(2, math.ceil(args.replicas * args.replica_cpus * len(args.systems))),
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
         signal.signal(signal.SIGTERM, on_term)  # again: ray.init installs a handler that aborts
         stack.callback(ray.shutdown)

@@ -124,14 +124,18 @@ def test_int8_rows_do_not_depend_on_their_batch(tmp_path: Path) -> None:
     np.testing.assert_array_equal(alone, batched[:100])
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+#: The default tower, and one whose weights outweigh the ONNX graph (the width of DLRM's top MLP for Criteo).
+WIDE_TOWER = (512, 256)
+
+
+@pytest.fixture(scope="module", params=["default", "wide"])
+def trained(request, tmp_path_factory):
     """Train on the first 80% of MovieLens-100K; export the tower as fp32 and int8."""
     if not ML100K.is_dir():
         pytest.skip("MovieLens-100K not in ../shared/data")
     tmp = tmp_path_factory.mktemp("int8")
     events, spec = read_ml100k(ML100K), ml100k_spec()
-    cfg = LearnerConfig()
+    cfg = LearnerConfig() if request.param == "default" else LearnerConfig(hidden=WIDE_TOWER)
     learner = OnlineLearner(spec, cfg)
     split = int(events.num_rows * 0.8)
     learner.learn(encode(events.slice(0, split), spec))
@@ -153,9 +157,10 @@ def test_int8_keeps_auc(trained) -> None:
     assert abs(aucs["int8"] - aucs["fp32"]) <= 0.002, aucs
 
 
-@pytest.mark.xfail(strict=True, reason="known miss (issue 4): the default tower (hidden=(32,)) holds ~1.4k weights; "
-                                       "its graph outweighs them, so int8 is 0.91x of fp32. A (256, 128) tower "
-                                       "reaches 0.30x (bench/quantize.py)")
-def test_int8_file_is_at_most_0_3x_of_fp32(trained) -> None:
-    _, _, fp32, int8 = trained
+def test_int8_file_is_at_most_0_3x_of_fp32(request, trained) -> None:
+    learner, _, fp32, int8 = trained
+    if learner.cfg.hidden != WIDE_TOWER:
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="known miss (issue 4): the default tower (hidden=(32,)) holds ~1.4k weights; its "
+                                "graph outweighs them, so int8 is 0.91x of fp32; the (512, 256) tower is 0.27x"))
     assert int8.stat().st_size <= 0.3 * fp32.stat().st_size, (int8.stat().st_size, fp32.stat().st_size)
