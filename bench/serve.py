@@ -241,9 +241,10 @@ async def replica_side(cfg: ServeConfig, users: np.ndarray, n: int, res: Result)
     cls = Recommender.func_or_class
     rec = cls.__new__(cls)
     await rec.__init__(asdict(cfg))
-    parts: dict[str, list[float]] = {"replica": [], "retrieve": [], "inputs": [], "tower": []}
+    parts: dict[str, list[float]] = {"replica": [], "retrieve": [], "batch": [], "rank_inputs": [], "tower": []}
     rec.model.retrieve = timed(rec.model.retrieve, parts["retrieve"])
-    rec.model.inputs = timed(rec.model.inputs, parts["inputs"])
+    rec.model.catalog.batch = timed(rec.model.catalog.batch, parts["batch"])
+    rec.model.rank_inputs = timed(rec.model.rank_inputs, parts["rank_inputs"])
     rec._tower = timed(rec._tower, parts["tower"])
     recommend = timed(rec.Recommend, parts["replica"])
     rng = np.random.default_rng(1)
@@ -255,8 +256,9 @@ async def replica_side(cfg: ServeConfig, users: np.ndarray, n: int, res: Result)
         rec._refresher.cancel()
         if rec._triton is not None:
             await rec._triton.close()
-    for k, v in parts.items():
-        setattr(res, f"{k}_ms", statistics.median(v[20:]) * 1e3)
+    ms = {k: statistics.median(v[20:]) * 1e3 for k, v in parts.items()}
+    res.replica_ms, res.retrieve_ms, res.tower_ms = ms["replica"], ms["retrieve"], ms["tower"]
+    res.inputs_ms = ms["batch"] + ms["rank_inputs"]  # the candidates' batch, then the tower's inputs
 
 
 async def triton_compute_ms(urls: dict[str, str], emb: np.ndarray, num: np.ndarray, n: int,

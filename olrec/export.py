@@ -34,6 +34,8 @@ OPSET = 17
 INPUTS = ("emb", "num")
 OUTPUT = "logit"
 Precision = Literal["int8", "fp32"]
+#: Rows per model run the Triton configs accept (``max_batch_size``) by default.
+MAX_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def _add_version(model_dir: Path, version: int, config: str, files: dict[str, Pa
 
 
 def write_model_repos(onnx_path: str | Path, root: str | Path, *, name: str = "olrec_ranker", version: int,
-                      max_batch_size: int = 1024, gpu: bool = False) -> ModelRepos:
+                      max_batch_size: int = MAX_BATCH, gpu: bool = False) -> ModelRepos:
     """Add ``version`` of one ONNX file to two Triton model repositories under ``root``:
     ``k8s/`` (onnxruntime backend, KIND_GPU with ``gpu``) and ``local/`` (Python backend)."""
     onnx_path, root = Path(onnx_path), Path(root)
@@ -197,7 +199,7 @@ def write_model_repos(onnx_path: str | Path, root: str | Path, *, name: str = "o
 
 def publish(tower: DenseTower, root: str | Path, version: int, precision: Precision = "int8", *,
             calibration: tuple[np.ndarray, np.ndarray] | None = None, name: str = "olrec_ranker",
-            max_batch_size: int = 1024, gpu: bool = False) -> ModelRepos:
+            max_batch_size: int = MAX_BATCH, gpu: bool = False) -> ModelRepos:
     """Export, quantize (``precision="int8"``, calibrated on ``calibration`` =
     (emb, num): recent inputs, e.g. :meth:`OnlineLearner.ranking_inputs` of the
     last batch) and add ``version`` to both model repositories. The latest fp32

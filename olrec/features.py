@@ -128,6 +128,19 @@ class Batch:
     def __len__(self) -> int:
         return len(self.label)
 
+    @classmethod
+    def concat(cls, batches: Sequence["Batch"]) -> "Batch":
+        """The events of ``batches`` (same fields), in order, as one batch."""
+        if len(batches) == 1:
+            return batches[0]
+        first = batches[0]
+        return cls(keys={f: np.concatenate([b.keys[f] for b in batches]) for f in first.keys},
+                   multi={f: (np.concatenate([b.multi[f][0] for b in batches]),
+                              np.concatenate([b.multi[f][1] for b in batches])) for f in first.multi},
+                   numeric=np.concatenate([b.numeric for b in batches]),
+                   label=np.concatenate([b.label for b in batches]), ts=np.concatenate([b.ts for b in batches]),
+                   weight=np.concatenate([b.weight for b in batches]))
+
     def slice(self, start: int, stop: int) -> "Batch":
         """Events [start, stop) of this batch (ragged fields sliced consistently)."""
         multi = {}

@@ -652,13 +652,17 @@ class ServingModel:
 
     # -- scoring ------------------------------------------------------------
     def inputs(self, user: int, items: np.ndarray, context: Mapping[str, Any]) -> tuple:
-        """(snapshot, emb, num, p_wide) for scoring ``items`` for ``user``: read
-        now, so a refresh while the tower runs cannot mix versions into them."""
+        """(snapshot, emb, num, p_wide) for scoring ``items`` for ``user``."""
+        return self.rank_inputs(self.catalog.batch(user, items, context))
+
+    def rank_inputs(self, batch: Batch) -> tuple:
+        """(snapshot, emb, num, p_wide) for scoring the pairs of ``batch`` (of
+        :meth:`Catalog.batch`, or several concatenated): read now, so a refresh
+        while the tower runs cannot mix versions into them."""
         snap = self.snapshot
         if snap is None:
             raise RequestError("UNAVAILABLE", f"no model yet: no trainer has published to {where(self.paths.root)} "
                                               f"and it holds no checkpoint")
-        batch = self.catalog.batch(user, items, context)
         emb, num, p_wide = snap.learner.ranking_inputs(batch)
         return snap, emb, num, p_wide
 

@@ -7,7 +7,8 @@ RayService). Deployments:
   and ``grpc.health.v1.Health`` calls through Ray Serve's gRPC proxy. Each
   replica keeps the rows it serves and refreshes them every ``refresh_s``
   (:class:`olrec.serving.ServingModel`); the dense ranking tower runs in
-  Triton (int8 by default) or in the replica.
+  Triton (int8 by default) or in the replica. Calls that arrive while others
+  are being ranked are ranked together in one pass (:mod:`olrec.batcher`).
 - ``LogWriter`` (one replica): the event log's single writer; Feedback appends through it.
 - ``DensePublisher`` (one replica, with the Triton scorer): exports each
   new dense version the trainer publishes to the Triton model repositories
@@ -37,6 +38,9 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from olrec import storage
+from olrec.batcher import MicroBatcher
+from olrec.export import MAX_BATCH
+from olrec.features import Batch
 from olrec.serving import (RequestError, ServeConfig, ServingModel, bad, check_context, check_ids, check_token,
                            feedback_table)
 from olrec.v1 import recommender_pb2 as pb
@@ -117,6 +121,9 @@ class Recommender:
             self._triton = TritonRanker(self.cfg.triton_url, self.cfg.triton_model, timeout_s=self.cfg.triton_timeout_s)
         self._scorer = pb.SCORER_IN_PROCESS if self.cfg.scorer == "in_process" else (
             pb.SCORER_TRITON_INT8 if self.cfg.precision == "int8" else pb.SCORER_TRITON_FP32)
+        # A pass's fixed cost (feature lookups, the Triton call) is most of a
+        # small call's: calls that queue while others are ranked share one.
+        self._batcher = MicroBatcher(self._rank, rows=len, max_rows=MAX_BATCH)
         await self._refresh()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
 
@@ -161,9 +168,15 @@ class Recommender:
                 return snap.learner.model(emb, num), snap.dense_version, pb.SCORER_FALLBACK_IN_PROCESS
 
     async def _score(self, user: int, items: np.ndarray, context: dict) -> tuple[np.ndarray, Any, str, int]:
-        snap, emb, num, p_wide = self.model.inputs(user, items, context)
+        """(probabilities, snapshot, dense version, scorer) for ``items``, ranked with the calls queued beside it."""
+        return await self._batcher.submit(self.model.catalog.batch(user, items, context))
+
+    async def _rank(self, batches: list[Batch]) -> list[tuple[np.ndarray, Any, str, int]]:
+        """One pass over several calls' candidates: one snapshot, one tower call."""
+        snap, emb, num, p_wide = self.model.rank_inputs(Batch.concat(batches))
         logits, version, scorer = await self._tower(snap, emb, num)
-        return snap.learner.blend_probs(logits, p_wide), snap, version, scorer
+        probs = snap.learner.blend_probs(logits, p_wide)
+        return [(p, snap, version, scorer) for p in np.split(probs, np.cumsum([len(b) for b in batches])[:-1])]
 
     # -- the API --------------------------------------------------------------
     async def Recommend(self, request: pb.RecommendRequest, grpc_context: RayServegRPCContext) -> pb.RecommendResponse:
@@ -272,7 +285,7 @@ class Recommender:
 
     def stats(self) -> dict[str, Any]:
         """This replica's counters (through a deployment handle)."""
-        return {"cancelled": dict(self.cancelled), "refreshes": self.model.refreshes,
+        return {"cancelled": dict(self.cancelled), "refreshes": self.model.refreshes, "batches": self._batcher.batches,
                 "watermark": None if self.model.snapshot is None else self.model.snapshot.watermark}
 
     def check_health(self) -> None:
