@@ -4,6 +4,7 @@ from a checkpoint, and request validation."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -269,6 +270,15 @@ def test_live_shards_are_looked_up_once_and_again_after_they_go(tmp_path, ray_cl
         model.apply(model.read_update())
     assert model.snapshot.source.startswith("live:") and len(lookups) == 1
     ray_cluster.kill(shard)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # kill() returns before the actor is gone: calls may still be answered
+        try:
+            ray_cluster.get(shard.stats.remote(), timeout=30)
+            time.sleep(0.1)
+        except ray_cluster.exceptions.RayActorError:
+            break
+    else:
+        pytest.fail("the killed shard still answers after 30 s")
     model.apply(model.read_update())  # the call to the dead shard fails, and no shard has its name now
     assert model.snapshot.source.startswith("checkpoint:") and model.snapshot.watermark == 2_000
     monkeypatch.setattr(ray_cluster, "get_actor", real)
