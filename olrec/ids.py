@@ -105,6 +105,8 @@ class IdMap:
         self.size = 0
         self._keys = np.full(capacity + 1, EMPTY, np.int64)
         self._new_slots(capacity)
+        # Compile the lookup now (a process's first map: start-up), not inside its first batch.
+        _probe(np.zeros(0, np.int64), self._slots, self._keys, self._bits)
 
     def _new_slots(self, n: int) -> None:
         """An empty slot table for ``n`` keys at load factor <= 1/2."""
