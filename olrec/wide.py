@@ -61,8 +61,8 @@ def _sigmoid(s):
 
 
 @numba.njit(cache=False, nogil=True)
-def _ftrl_pass(ptr, idx, x, y, zn, zn_dense, alpha, beta, l1, l2, learn, out):
-    """Per event: predict from the current weights, then (if ``learn``) update them.
+def _ftrl_pass(ptr, idx, x, y, zn, zn_dense, alpha, beta, l1, l2, out):
+    """Per event: predict from the current weights, then update them.
     ``idx[ptr[j]:ptr[j+1]]`` are event j's rows in ``zn``; ``x`` its numeric inputs
     (the last dense weight is the bias)."""
     b, m = x.shape
@@ -73,8 +73,6 @@ def _ftrl_pass(ptr, idx, x, y, zn, zn_dense, alpha, beta, l1, l2, learn, out):
             s += _weight(zn[i, 0], zn[i, 1], alpha, beta, l1, l2)
         p = _sigmoid(s)
         out[j] = p
-        if not learn:
-            continue
         g = p - y[j]
         for k in range(m + 1):
             gk = g * (x[j, k] if k < m else 1.0)
@@ -116,7 +114,7 @@ class Wide:
         self.dense = np.zeros((n_numeric + 1, 2))  # (z, n) per numeric input, then the bias
         # Compile now (start-up), not inside the first batch.
         self._pass(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, n_numeric)), np.zeros(0),
-                   np.zeros((1, 2)), self.dense.copy(), learn=True)
+                   np.zeros((1, 2)), self.dense.copy())
         _ftrl_scores(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, n_numeric)), np.zeros((1, 2)),
                      self.dense, ftrl.alpha, ftrl.beta, ftrl.l1, ftrl.l2, np.zeros(0))
 
@@ -139,11 +137,11 @@ class Wide:
         ptr = np.concatenate(([0], np.cumsum(np.bincount(ev, minlength=len(batch))))).astype(np.int64)
         return k[order], ptr
 
-    def _pass(self, ptr, idx, x, y, zn, dense, learn: bool) -> np.ndarray:
+    def _pass(self, ptr, idx, x, y, zn, dense) -> np.ndarray:
         f = self.ftrl
         out = np.empty(len(ptr) - 1)
         _ftrl_pass(ptr, idx, np.ascontiguousarray(x, np.float64), np.ascontiguousarray(y, np.float64),
-                   zn, dense, f.alpha, f.beta, f.l1, f.l2, learn, out)
+                   zn, dense, f.alpha, f.beta, f.l1, f.l2, out)
         return out
 
     def lookup(self, batch: Batch, ts: float = 0.0, event: int = 0) -> tuple:
@@ -161,7 +159,7 @@ class Wide:
         (keys, ptr), pulled = prefetched
         zn = pulled.weights.astype(np.float64)
         before = zn.copy()
-        p = self._pass(ptr, pulled.inverse.astype(np.int64), x, batch.label, zn, self.dense, learn=True)
+        p = self._pass(ptr, pulled.inverse.astype(np.int64), x, batch.label, zn, self.dense)
         self.store.add(self.TABLE, pulled, (zn - before).astype(np.float32), ts=ts, event=event)
         return p
 
