@@ -848,7 +848,7 @@ def _plots(report: Path, online, frozen, split, fresh: np.ndarray, lat_ms: np.nd
         ax.plot(xs, ys, marker=".", label=label)
     if split is not None:
         ax.axvline(split, color="grey", linestyle="--", label="snapshot")
-    ax.set(xlabel="log offset", ylabel=f"AUC (windows of events)", title="Progressive AUC: online vs frozen")
+    ax.set(xlabel="log offset", ylabel="AUC (windows of events)", title="Progressive AUC: online vs frozen")
     ax.legend()
     save(fig, "auc")
 

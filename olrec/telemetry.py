@@ -232,7 +232,7 @@ class MetricSet:
 
     def inc(self, key: str, delta: float) -> None:
         """Add ``delta`` (> 0; anything else is skipped) to the counter ``key``."""
-        spec = self._spec(key, COUNTER)
+        self._spec(key, COUNTER)  # checks the key and its kind
         d = _finite(delta)
         if d is not None and d > 0:
             self._totals[key] = self._totals.get(key, 0.0) + d

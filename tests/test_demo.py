@@ -6,7 +6,6 @@ while it lingers, then Ctrl-C ends it leaving no process behind."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
