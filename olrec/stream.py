@@ -214,7 +214,8 @@ def _read_chunks(log_path: str, start: int | Callable[[], int], end: int | None,
         if stopped():
             return
         before = pos
-        for chunk in _rechunk(log.read_available(pos, end, columns=columns), block_rows):
+        for chunk in _rechunk(log.read_available(pos, end, columns=columns), block_rows,
+                              None if end is None else end - pos):
             yield _pack(chunk)
             pos += chunk.num_rows
             if stopped():
@@ -223,23 +224,42 @@ def _read_chunks(log_path: str, start: int | Callable[[], int], end: int | None,
             time.sleep(poll_interval)
 
 
-def _rechunk(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+#: A bounded read's chunks shrink toward its end (guided self-scheduling): each
+#: is 1/GUIDED_PARTS of what remains, at least GUIDED_MIN_ROWS and at most
+#: ``block_rows``. ``streaming_split`` hands whole blocks to whichever worker
+#: asks, so big blocks at the end of a run would leave one worker learning alone.
+GUIDED_PARTS = 8
+GUIDED_MIN_ROWS = 4096
+
+
+def _rechunk(tables: Iterable[pa.Table], rows: int, remaining: int | None = None) -> Iterator[pa.Table]:
     """Consecutive tables as chunks of ``rows`` rows (the last may be short);
-    a chunk never mixes schemas (segments may carry different columns)."""
+    a chunk never mixes schemas (segments may carry different columns).
+    ``remaining``: how many rows ``tables`` hold (a bounded read), for chunks
+    that shrink toward the end (see :data:`GUIDED_PARTS`)."""
     parts: list[pa.Table] = []
-    have = 0
+    have = done = 0
+
+    def target() -> int:
+        if remaining is None:
+            return rows
+        return min(rows, max((remaining - done) // GUIDED_PARTS, GUIDED_MIN_ROWS))
+
+    want = target()
     for table in tables:
         if parts and not table.schema.equals(parts[0].schema):
             yield pa.concat_tables(parts)
-            parts, have = [], 0
+            parts, have, done = [], 0, done + have
+            want = target()
         while table.num_rows:
-            take = min(rows - have, table.num_rows)
+            take = min(want - have, table.num_rows)
             parts.append(table.slice(0, take))
             have += take
             table = table.slice(take)
-            if have == rows:
+            if have == want:
                 yield pa.concat_tables(parts)
-                parts, have = [], 0
+                parts, have, done = [], 0, done + have
+                want = target()
     if parts:
         yield pa.concat_tables(parts)
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from olrec.log import OFFSET, EventLog
-from olrec.stream import LogDataConfig, LogDatasource, iter_events, log_dataset, unpack
+from olrec.stream import GUIDED_MIN_ROWS, GUIDED_PARTS, LogDataConfig, LogDatasource, iter_events, log_dataset, unpack
 
 
 def events(lo: int, hi: int) -> pa.Table:
@@ -105,6 +105,25 @@ def test_read_task_yields_start_to_end_in_chunks_of_block_rows(sizes: list[int],
     assert [c.num_rows for c in chunks] == [block_rows] * (n // block_rows) + ([n % block_rows] if n % block_rows else [])
     for c in chunks:
         assert c["item_id"].to_pylist() == [100 + o for o in c[OFFSET].to_pylist()]
+
+
+def test_a_bounded_reads_chunks_shrink_toward_its_end_and_a_following_reads_do_not(tmp_path: Path) -> None:
+    """Guided self-scheduling: 2 workers taking whole blocks in turn get about
+    half the events each, where blocks of 32,768 would give them 65,536 and 34,464."""
+    write_log(tmp_path, [25_000] * 4).close()
+    bounded = [c.num_rows for c in read_in_process(LogDatasource(tmp_path, 0, 100_000, block_rows=32_768))]
+    assert sum(bounded) == 100_000
+    assert bounded == sorted(bounded, reverse=True)  # non-increasing
+    assert bounded[0] == 100_000 // GUIDED_PARTS and min(bounded[:-1]) == GUIDED_MIN_ROWS
+    halves = [sum(bounded[0::2]), sum(bounded[1::2])]
+    assert max(halves) - min(halves) <= bounded[0]
+    # With more than GUIDED_PARTS x block_rows to go, chunks are block_rows.
+    assert [c.num_rows for c in read_in_process(LogDatasource(tmp_path, 0, 100_000, block_rows=4000))][:3] == [4000] * 3
+    # Following the log (no end): a backlog in chunks of block_rows.
+    src = LogDatasource(tmp_path, 0, None, block_rows=32_768, stop_file=tmp_path / "stop", poll_interval=0.01)
+    task = src.get_read_tasks(1)[0]
+    first = [unpack(c).num_rows for _, c in zip(range(3), task())]
+    assert first == [32_768, 32_768, 32_768]
 
 
 def test_columns_selects_offset_plus_those_columns(tmp_path: Path) -> None:
