@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -90,17 +90,6 @@ class StepResult:
     label: np.ndarray
     loss: float
     numeric: np.ndarray  # (B, spec.n_numeric) the dense tower's raw numeric input: context numerics, counter features
-
-
-@dataclass(frozen=True)
-class Prefetched:
-    """A batch's rows on their way (see :meth:`OnlineLearner.prefetch`)."""
-
-    n_events: int
-    spans: list[slice]
-    found_c: tuple
-    found_w: tuple | None
-    rows: Callable[[], list[Pulled]]
 
 
 class DenseSync(Protocol):
@@ -298,33 +287,20 @@ class OnlineLearner:
         for start in range(0, n, self.cfg.batch_size):
             self.step(batch.slice(start, min(start + self.cfg.batch_size, n)))
 
-    def prefetch(self, batch: Batch) -> Prefetched:
-        """Send the fetch of every table's rows for ``batch`` (one round trip per
-        shard); :meth:`step` takes it. Sent after the previous batch's pushes, it
-        reads them (a shard runs one caller's calls in order), and it admits the
-        batch's new ids: nothing may snapshot the store between this and the step."""
+    def step(self, batch: Batch, sync: DenseSync | None = None, tag: Any = None) -> StepResult:
+        """Score the batch, then learn it. ``sync``: merge dense gradients with
+        other workers'; ``tag``: what the store's ``done()`` returns once this
+        batch's pushes are applied."""
+        torch.set_num_threads(self.cfg.threads)
         t_last = float(batch.ts[-1]) if len(batch) else 0.0
+        # Every table's rows in one fetch: one round trip per shard per batch.
         keys, spans = self.field_keys(batch)
         found_c, fetch_c = self.counters.lookup(batch)
         requests = [Fetch("sparse", keys, observe=True, ts=t_last, event=self.events), fetch_c]
-        found_w = None
         if self.wide is not None:
             found_w, fetch_w = self.wide.lookup(batch, t_last, self.events)
             requests.append(fetch_w)
-        return Prefetched(len(batch), spans, found_c, found_w, self.store.fetch_async(requests))
-
-    def step(self, batch: Batch, sync: DenseSync | None = None, tag: Any = None,
-             prefetched: Prefetched | None = None) -> StepResult:
-        """Score the batch, then learn it. ``sync``: merge dense gradients with
-        other workers'; ``tag``: what the store's ``done()`` returns once this
-        batch's pushes are applied; ``prefetched``: :meth:`prefetch` of this batch."""
-        torch.set_num_threads(self.cfg.threads)
-        t_last = float(batch.ts[-1]) if len(batch) else 0.0
-        pre = self.prefetch(batch) if prefetched is None else prefetched
-        if pre.n_events != len(batch):
-            raise ValueError(f"prefetched rows are for {pre.n_events} events, the batch has {len(batch)}")
-        spans, found_c, found_w = pre.spans, pre.found_c, pre.found_w
-        pulled, pulled_c, *pulled_w = pre.rows()
+        pulled, pulled_c, *pulled_w = self.store.fetch_many(requests)
         num, updates = self._numeric(batch, online=True, prefetched=(found_c, pulled_c))
         emb, w = self._pool(batch, pulled, spans, grad=True)
         # Statistics of the context numerics first: they hold no label, and a

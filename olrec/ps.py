@@ -25,8 +25,7 @@ import pickle
 import time
 from dataclasses import asdict, dataclass, replace
 from collections import deque
-from functools import partial
-from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -105,11 +104,6 @@ class Store(Protocol):
         """Several tables' rows at once: one call per shard for a batch."""
         ...
 
-    def fetch_async(self, requests: Sequence[Fetch]) -> Callable[[], list[Pulled]]:
-        """:meth:`fetch_many`, answered by the returned call: a remote store sends
-        the requests now, so the caller can work while the shards answer."""
-        ...
-
     def apply(self, table: str, pulled: Pulled, grads: np.ndarray) -> None:
         """One optimizer step with gradients (U, dim) for the pulled rows."""
         ...
@@ -154,9 +148,6 @@ class LocalStore:
     def fetch_many(self, requests: Sequence[Fetch]) -> list[Pulled]:
         return [self.fetch(r.table, r.keys, observe=r.observe, ts=r.ts, event=r.event, unique=r.unique)
                 for r in requests]
-
-    def fetch_async(self, requests: Sequence[Fetch]) -> Callable[[], list[Pulled]]:
-        return partial(self.fetch_many, requests)  # in process: the work happens when the rows are needed
 
     def apply(self, table: str, pulled: Pulled, grads: np.ndarray) -> None:
         # Rows of unique keys repeat only at the default row: let the table sum them.
@@ -324,18 +315,12 @@ class ShardedTables:
         return []
 
     def _call(self, method: str, per_shard: Mapping[int, tuple]) -> dict[int, Any]:
-        return self._call_later(method, per_shard)()
-
-    def _call_later(self, method: str, per_shard: Mapping[int, tuple]) -> Callable[[], dict[int, Any]]:
-        """Remote calls sent now, their answers per shard from the returned call
-        (local shards answer now)."""
         if self._remote:
             import ray
 
             futures = {i: getattr(self.shards[i], method).remote(*args) for i, args in per_shard.items()}
-            return lambda: dict(zip(futures, ray.get(list(futures.values()))))
-        got = {i: getattr(self.shards[i], method)(*args) for i, args in per_shard.items()}
-        return lambda: got
+            return dict(zip(futures, ray.get(list(futures.values()))))
+        return {i: getattr(self.shards[i], method)(*args) for i, args in per_shard.items()}
 
     def _push(self, method: str, per_shard: Mapping[int, tuple]) -> None:
         """Queue a push; :meth:`end_batch` sends each shard its batch's pushes in one call."""
@@ -348,9 +333,6 @@ class ShardedTables:
         return self.fetch_many([Fetch(table, keys, observe, ts, event, unique)])[0]
 
     def fetch_many(self, requests: Sequence[Fetch]) -> list[Pulled]:
-        return self.fetch_async(requests)()
-
-    def fetch_async(self, requests: Sequence[Fetch]) -> Callable[[], list[Pulled]]:
         t0 = time.perf_counter()
         plans = []  # per request: unique keys, inverse, per-shard parts (the pushes reuse the split)
         per_shard: dict[int, list] = {}
@@ -365,25 +347,20 @@ class ShardedTables:
             for i, idx in parts:
                 per_shard.setdefault(i, []).append(
                     (r.table, uniq[idx], r.observe, r.ts, r.event, None if counts is None else counts[idx]))
-        got = self._call_later("pull_many", {i: (reqs,) for i, reqs in per_shard.items()})
-        self.fetch_s += time.perf_counter() - t0
-
-        def rows() -> list[Pulled]:
-            t1 = time.perf_counter()
-            taken = {i: iter(rows) for i, rows in got().items()}
-            out = []
-            for uniq, inv, parts in plans:
-                chunks = [(idx, next(taken[i])) for i, idx in parts]
-                dim = chunks[0][1].shape[1] if chunks else 0
-                weights = np.empty((len(uniq), dim), np.float32)
-                for idx, rows in chunks:
-                    weights[idx] = rows
-                out.append(Pulled(weights, inv, uniq, parts))
-            self.fetch_s += time.perf_counter() - t1  # what the caller waited, not the work it did meanwhile
-            self.latencies["pull"].append(time.perf_counter() - t0)  # sent to answered, meanwhile included
-            return out
-
-        return rows
+        got = self._call("pull_many", {i: (reqs,) for i, reqs in per_shard.items()})
+        taken = {i: iter(rows) for i, rows in got.items()}
+        out = []
+        for uniq, inv, parts in plans:
+            chunks = [(idx, next(taken[i])) for i, idx in parts]
+            dim = chunks[0][1].shape[1] if chunks else 0
+            weights = np.empty((len(uniq), dim), np.float32)
+            for idx, rows in chunks:
+                weights[idx] = rows
+            out.append(Pulled(weights, inv, uniq, parts))
+        took = time.perf_counter() - t0
+        self.fetch_s += took
+        self.latencies["pull"].append(took)
+        return out
 
     def apply(self, table: str, pulled: Pulled, grads: np.ndarray) -> None:
         self._push("push_gradients", {i: (table, pulled.keys[idx], grads[idx], True) for i, idx in pulled.ref})

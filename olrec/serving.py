@@ -31,9 +31,8 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -180,9 +179,6 @@ class MirrorStore:
 
     def fetch_many(self, requests: Sequence[Fetch]) -> list[Pulled]:
         return [self.fetch(r.table, r.keys, unique=r.unique) for r in requests]
-
-    def fetch_async(self, requests: Sequence[Fetch]) -> Callable[[], list[Pulled]]:
-        return partial(self.fetch_many, requests)
 
     def _read_only(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a serving replica's rows are read-only")

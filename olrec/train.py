@@ -561,7 +561,9 @@ class Feeder:
         """Up to ``n`` rows: what has arrived, waiting at most ``wait`` s for the
         first; ``full``: wait for ``n`` rows unless the stream ends (a bounded
         run cuts the same batches as the in-process learner)."""
-        parts, have = self._held()
+        parts, have = [], 0
+        if self._rest is not None:
+            parts, have, self._rest = [self._rest], self._rest.num_rows, None
         while have < n and not self.exhausted:
             t = self._get(wait if full or not have else None)
             if t is None:
@@ -570,31 +572,6 @@ class Feeder:
                 break
             parts.append(t)
             have += t.num_rows
-        return self._cut(parts, n)
-
-    def take_ready(self, n: int, full: bool = False) -> pa.Table | None:
-        """:meth:`take` without waiting: None unless rows have arrived (``full``:
-        ``n`` of them, or the stream's last); what did arrive stays for the next take."""
-        parts, have = self._held()
-        while have < n and not self.exhausted:
-            t = self._get(None)
-            if t is None:
-                break
-            parts.append(t)
-            have += t.num_rows
-        if not parts or (full and have < n and not self.exhausted):
-            self._rest = self._cut(parts, have) if parts else None
-            return None
-        return self._cut(parts, n)
-
-    def _held(self) -> tuple[list[pa.Table], int]:
-        if self._rest is None:
-            return [], 0
-        held, self._rest = self._rest, None
-        return [held], held.num_rows
-
-    def _cut(self, parts: list[pa.Table], n: int) -> pa.Table | None:
-        """The first ``n`` rows of ``parts``; the rest is held for the next take."""
         if not parts:
             return None
         table = pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]
@@ -812,30 +789,14 @@ def _worker(config: dict) -> None:
         ledger.compact()
         last_ckpt, ckpt_events, ckpt_time = time.monotonic(), learner.events, time.time()
 
-    # The next batch, its rows already asked for: sent right after this batch's
-    # pushes, the fetch runs on the shards while this worker all-reduces. Reports
-    # and checkpoints are decided a round ahead, and no round before one sends a
-    # fetch early: an early fetch admits ids, which a snapshot must not see.
-    ahead: tuple[pa.Table, Any, Any] | None = None
-    due = np.zeros(2)  # a report, a checkpoint after this round (decided at the last)
     while True:
-        if ahead is not None:
-            table, batch, pre = ahead
-            ahead = None
-        else:
-            table = feeder.take(per_worker, tc.idle_wait_s, full=not tc.continuous)
-            batch, pre = (None, None) if table is None else (encode(table, job.spec), None)
+        table = feeder.take(per_worker, tc.idle_wait_s, full=not tc.continuous)
         if table is not None:
             offsets = table[OFFSET].to_numpy()
             if first_at is None:
                 first_at, first_events = time.time(), learner.events
             t = time.perf_counter()
-            res = learner.step(batch, sync, tag=intervals(offsets), prefetched=pre)
-            if not due.any():
-                nxt = feeder.take_ready(per_worker, full=not tc.continuous)
-                if nxt is not None:
-                    b = encode(nxt, job.spec)
-                    ahead = (nxt, b, learner.prefetch(b))
+            res = learner.step(encode(table, job.spec), sync, tag=intervals(offsets))
             step_s += time.perf_counter() - t
             last_at = time.time()
             loss_sum, loss_n = loss_sum + res.loss, loss_n + 1
@@ -845,25 +806,21 @@ def _worker(config: dict) -> None:
         settle()
         now = time.monotonic()
         want = np.zeros(3)
-        want[0] = float(feeder.done and table is None and ahead is None)
-        if rank == 0:  # for the end of the next round; what is due now happens at the end of this one
-            want[1] = float(not due[0] and now - last_report >= tc.report_every_s)
-            # Events at the end of the next round (it learns at most world x per_worker) since the
-            # last checkpoint, which is the one due now if one is.
-            since = learner.events + world * per_worker - (learner.events if due[1] else ckpt_events)
-            due_events = tc.checkpoint_every_events is not None and since >= tc.checkpoint_every_events
-            if not due[1] and now - last_asked >= tc.poll_interval:  # a stat (an object store: a request) per poll
+        want[0] = float(feeder.done and table is None)
+        if rank == 0:
+            want[1] = float(now - last_report >= tc.report_every_s)
+            due_events = tc.checkpoint_every_events is not None and learner.events - ckpt_events >= tc.checkpoint_every_events
+            if now - last_asked >= tc.poll_interval:  # a stat (an object store: a request) per poll
                 asked, last_asked = storage.exists(paths.checkpoint_request), now
-            want[2] = float(due_events or (not due[1] and (now - last_ckpt >= tc.checkpoint_every_s or asked)))
+            want[2] = float(now - last_ckpt >= tc.checkpoint_every_s or due_events or asked)
         got = sync.end_round(learner, want)
-        if due.any():  # decided a round ago, so every worker sees the same decision
+        if got[1] > 0 or got[2] > 0:  # every worker sees the same decision
             sync.average_params(learner)
             gather()
-            if due[1]:
+            if got[2] > 0:
                 checkpoint()
                 asked = False  # the request is served: look again at the next poll
             report(final=False)
-        due = got[1:3] > 0
         if got[0] >= world:
             break
 

@@ -112,19 +112,14 @@ def test_feeder_cuts_full_batches_across_blocks() -> None:
     assert f.done
 
 
-def _fed() -> tuple[Feeder, queue.Queue]:
-    """A feeder of the blocks put on the queue (None ends the stream)."""
+def test_feeder_hands_over_what_arrived_without_waiting_for_a_full_batch() -> None:
     q: queue.Queue = queue.Queue()
 
     def blocks():
         while (b := q.get()) is not None:
             yield b
 
-    return Feeder(blocks()), q
-
-
-def test_feeder_hands_over_what_arrived_without_waiting_for_a_full_batch() -> None:
-    f, q = _fed()
+    f = Feeder(blocks())
     q.put(_blocks([3])[0])
     deadline = time.monotonic() + 10
     t = None
@@ -136,30 +131,6 @@ def test_feeder_hands_over_what_arrived_without_waiting_for_a_full_batch() -> No
     while not f.done and time.monotonic() < deadline:
         f.take(100, wait=0.05)
     assert f.done
-
-
-def test_feeder_take_ready_never_waits_and_keeps_what_arrived() -> None:
-    f, q = _fed()
-    assert f.take_ready(4, full=True) is None  # nothing yet: no wait
-    q.put(_blocks([3])[0])
-    deadline = time.monotonic() + 10
-    while f._q.empty() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert f.take_ready(4, full=True) is None  # 3 of 4: kept for the next take
-    got = f.take_ready(4)  # a following stream takes what has arrived
-    assert got is not None and got["offset"].to_pylist() == [0, 1, 2]
-    for b in _blocks([3, 5])[1:]:  # offsets 3..7
-        q.put(b)
-    q.put(None)
-    while not f.exhausted and time.monotonic() < deadline:
-        if (t := f.take_ready(4, full=True)) is not None:
-            assert t["offset"].to_pylist() == [3, 4, 5, 6]
-            break
-    # The stream's last rows come out even short of a batch.
-    rest = None
-    while rest is None and time.monotonic() < deadline:
-        rest = f.take_ready(4, full=True)
-    assert rest["offset"].to_pylist() == [7] and f.done
 
 
 def test_feeder_reraises_the_stream_error() -> None:
